@@ -1,0 +1,1 @@
+"""Calibration data: sources of samples, streaming observers and collection over ONNX Runtime."""

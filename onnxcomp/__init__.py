@@ -1,0 +1,5 @@
+"""onnxcomp: post-training compression for ONNX models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

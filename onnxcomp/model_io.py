@@ -1,0 +1,276 @@
+"""Model I/O on onnx-ir: validated loading (external data memory-mapped), atomic saving.
+
+Loading never copies weights: external data stays memory-mapped until a pass replaces a tensor.
+Saving goes to a temporary folder beside the destination and is renamed into place only when the
+caller commits, so a failed run leaves nothing behind and the input is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxcomp.errors import ModelLoadError, OutputError
+
+__all__ = [
+    "MIN_OPSET",
+    "StagedModel",
+    "check_output_path",
+    "external_tensors",
+    "iter_graphs",
+    "load_model",
+    "max_opset",
+    "save_model",
+    "staged_save",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 7
+#: Models whose weights exceed this many bytes are saved with external data (protobuf caps at 2 GiB).
+DEFAULT_EXTERNAL_DATA_OVER = 1 << 30
+#: With external data, tensors at least this large go to the data file.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+_TEXT_FORMATS = {".textproto": "textproto", ".json": "json", ".onnxtxt": "onnxtxt"}
+
+
+def max_opset() -> int:
+    """Newest default-domain opset the installed onnx package knows."""
+    return onnx.defs.onnx_opset_version()
+
+
+def iter_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph and every subgraph (If/Loop/Scan bodies), outermost first."""
+    yield model.graph
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    yield attr.value
+                    stack.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        yield sub
+                        stack.append(sub)
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every tensor of the model that lives in an external data file."""
+    for graph in iter_graphs(model):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    yield attr.value
+
+
+def _check_external_data(model: ir.Model, model_path: Path) -> None:
+    base = model_path.parent.resolve()
+    for tensor in external_tensors(model):
+        location = str(tensor.location)
+        if os.path.isabs(location) or Path(location).is_absolute():
+            raise ModelLoadError(
+                f"{model_path}: tensor {tensor.name!r} points to external data at the absolute path "
+                f"{location!r}; external data must sit in the model's folder (re-save it with a relative location)"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise ModelLoadError(
+                f"{model_path}: tensor {tensor.name!r} points to external data {location!r} outside the "
+                "model's folder; move the data file beside the model and re-save it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{model_path}: external data file {location!r} for tensor {tensor.name!r} is missing; "
+                "copy it into the model's folder"
+            )
+        size = target.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else 0)
+        if end > size:
+            raise ModelLoadError(
+                f"{model_path}: external data file {location!r} is truncated ({size} bytes, tensor "
+                f"{tensor.name!r} needs {end}); copy the complete file"
+            )
+
+
+def _check_opsets(model: ir.Model, model_path: Path) -> None:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is None:
+        return
+    if opset < MIN_OPSET:
+        raise ModelLoadError(
+            f"{model_path}: opset {opset} is older than the oldest supported ({MIN_OPSET}); upgrade it with "
+            f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+    if opset > max_opset():
+        raise ModelLoadError(
+            f"{model_path}: opset {opset} is newer than the installed onnx knows ({max_opset()}); "
+            "upgrade onnx (pip install -U onnx)"
+        )
+
+
+def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Load and validate an ONNX model; external data is memory-mapped, never copied.
+
+    Raises :class:`ModelLoadError` with a one-line message for anything that is not a loadable model.
+    """
+    model_path = Path(path)
+    if not model_path.exists():
+        raise ModelLoadError(f"{model_path}: no such file; check the path")
+    if model_path.is_dir():
+        raise ModelLoadError(f"{model_path}: is a folder, not an .onnx file; pass the model file inside it")
+    if model_path.stat().st_size == 0:
+        raise ModelLoadError(f"{model_path}: the file is empty; re-export or re-download the model")
+    fmt = _TEXT_FORMATS.get(model_path.suffix.lower(), "protobuf")
+    try:
+        model = ir.load(model_path, format=fmt)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{model_path}: not a readable ONNX model ({type(exc).__name__}); the file is truncated, "
+            "corrupt or not ONNX — re-export or re-download it"
+        ) from exc
+    if model.ir_version <= 0 or (len(model.graph.outputs) == 0 and len(model.graph) == 0):
+        raise ModelLoadError(
+            f"{model_path}: not an ONNX model (no IR version or an empty graph); re-export or re-download it"
+        )
+    _check_opsets(model, model_path)
+    _check_external_data(model, model_path)
+    logger.debug("loaded %s (IR %d, %d nodes)", model_path, model.ir_version, len(model.graph))
+    return model
+
+
+def check_output_path(
+    output: str | os.PathLike[str], *, inputs: tuple[Path, ...] = (), force: bool = False
+) -> Path:
+    """Validate an output path before any work starts: not an input (unless ``force``), folder writable."""
+    out = Path(output)
+    if out.exists() and out.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name such as {out / 'model.onnx'}")
+    for src in inputs:
+        same = out.resolve() == src.resolve() or (
+            out.exists() and src.exists() and os.path.samefile(out, src)
+        )
+        if same and not force:
+            raise OutputError(
+                f"{out}: refusing to overwrite the input model; choose another -o path or pass --force"
+            )
+    parent = out.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{out}: cannot create the output folder ({existing} is not a folder)")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".onnxcomp-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise OutputError(
+            f"{out}: the output folder {existing} is not writable ({exc.strerror}); choose another -o path"
+        ) from exc
+    return out
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    total = 0
+    for graph in iter_graphs(model):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+@dataclass
+class StagedModel:
+    """A model written to a temporary folder, waiting to be verified and committed."""
+
+    path: Path
+    destination: Path
+    external_data: str | None
+    _tmpdir: Path
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self._tmpdir.iterdir() if p.is_file())
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the model file plus its external data."""
+        return sum(p.stat().st_size for p in self.files())
+
+    def commit(self) -> Path:
+        """Move the staged files into place (external data first, then the model file)."""
+        self.destination.parent.mkdir(parents=True, exist_ok=True)
+        model_name = self.path.name
+        for item in self.files():
+            if item.name != model_name:
+                os.replace(item, self.destination.parent / item.name)
+        os.replace(self.path, self.destination)
+        return self.destination
+
+
+def _save_into(model: ir.Model, path: Path, external: str | None) -> None:
+    try:
+        if external:
+            ir.save(model, path, external_data=external, size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+        else:
+            ir.save(model, path)
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: could not write the model ({exc.strerror})") from exc
+
+
+@contextlib.contextmanager
+def staged_save(
+    model: ir.Model,
+    destination: str | os.PathLike[str],
+    *,
+    external_data: str = "auto",
+    external_data_over: int = DEFAULT_EXTERNAL_DATA_OVER,
+) -> Iterator[StagedModel]:
+    """Write ``model`` to a temporary folder beside ``destination``; yields it for verification.
+
+    Nothing reaches ``destination`` unless the caller calls :meth:`StagedModel.commit`; on any exit
+    the temporary folder is removed. ``external_data`` is ``"auto"`` (above ``external_data_over`` bytes
+    of weights), ``"always"`` or ``"never"``.
+    """
+    dest = Path(destination)
+    if external_data not in {"auto", "always", "never"}:
+        raise OutputError(f"output.external_data must be one of auto, always, never; got {external_data!r}")
+    use_external = external_data == "always" or (
+        external_data == "auto" and _weight_bytes(model) > external_data_over
+    )
+    existing = dest.parent
+    while not existing.exists():
+        existing = existing.parent
+    tmpdir = Path(tempfile.mkdtemp(dir=existing, prefix=".onnxcomp-"))
+    try:
+        staged_path = tmpdir / dest.name
+        data_name = f"{dest.name}.data" if use_external else None
+        _save_into(model, staged_path, data_name)
+        yield StagedModel(path=staged_path, destination=dest, external_data=data_name, _tmpdir=tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: str = "auto",
+    external_data_over: int = DEFAULT_EXTERNAL_DATA_OVER,
+) -> Path:
+    """Atomically save ``model`` (temp folder + rename, external data too)."""
+    with staged_save(
+        model, path, external_data=external_data, external_data_over=external_data_over
+    ) as staged:
+        return staged.commit()

@@ -1,0 +1,1 @@
+"""Graph transforms. Each module holds one pass registered under a short name (see ``available_passes``)."""

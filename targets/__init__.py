@@ -1,0 +1,1 @@
+"""Deployment targets: what a runtime and device support and prefer; compile and profile."""
