@@ -1,0 +1,110 @@
+"""ONNX Runtime sessions for in-memory models (optionally exposing intermediate tensors).
+
+Small models go to ONNX Runtime as bytes; models whose weights exceed the protobuf limit are written
+to a temporary folder with external data first, so no >2 GB protobuf is ever built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model_io import iter_graphs
+
+__all__ = ["input_specs", "session_from_model", "session_from_path", "session_options"]
+
+_BYTES_LIMIT = 1 << 30
+
+
+def session_options(
+    *, threads: int | None = None, optimization: str = "all", log_severity: int = 3
+) -> ort.SessionOptions:
+    """SessionOptions with ``threads`` intra-op threads and a graph optimization level name."""
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise OnnxcompError(f"optimization level must be one of {', '.join(levels)}; got {optimization!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[optimization]
+    so.log_severity_level = log_severity
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def session_from_path(
+    path: str | os.PathLike[str],
+    *,
+    options: ort.SessionOptions | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    """An InferenceSession on a model file (external data resolved beside it)."""
+    return ort.InferenceSession(
+        str(path), sess_options=options or session_options(), providers=list(providers)
+    )
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(
+        v.const_value.nbytes
+        for g in iter_graphs(model)
+        for v in g.initializers.values()
+        if v.const_value is not None
+    )
+
+
+def session_from_model(
+    model: ir.Model,
+    *,
+    extra_outputs: Sequence[str] = (),
+    only_extra_outputs: bool = False,
+    options: ort.SessionOptions | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    """An InferenceSession on an in-memory model, with ``extra_outputs`` (intermediate tensor names)
+    added as graph outputs. The ``ir.Model`` itself is not modified."""
+    proto = ir.to_proto(model) if _weight_bytes(model) <= _BYTES_LIMIT else None
+    if proto is not None:
+        if only_extra_outputs:
+            del proto.graph.output[:]
+        present = {o.name for o in proto.graph.output}
+        for name in extra_outputs:
+            if name not in present:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                present.add(name)
+        return ort.InferenceSession(
+            proto.SerializeToString(), sess_options=options or session_options(), providers=list(providers)
+        )
+    tmpdir = Path(tempfile.mkdtemp(prefix="onnxcomp-session-"))
+    try:
+        path = tmpdir / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        proto = onnx.load(str(path), load_external_data=False)
+        if only_extra_outputs:
+            del proto.graph.output[:]
+        present = {o.name for o in proto.graph.output}
+        for name in extra_outputs:
+            if name not in present:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        onnx.save(proto, str(path))
+        return session_from_path(path, options=options, providers=providers)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def input_specs(session: ort.InferenceSession) -> dict[str, tuple[str, list[int | str | None]]]:
+    """``{name: (ort_type, shape)}`` of a session's inputs (``tensor(float)``, dims may be symbolic)."""
+    return {i.name: (i.type, list(i.shape)) for i in session.get_inputs()}
