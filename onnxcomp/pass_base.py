@@ -96,6 +96,7 @@ class Pass(abc.ABC):
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _DISCOVERED = False
+_BROKEN: dict[str, str] = {}
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -117,7 +118,10 @@ def _discover() -> None:
 
     for info in pkgutil.iter_modules(passes_pkg.__path__):
         if not info.name.startswith("_"):
-            importlib.import_module(f"onnxcomp.passes.{info.name}")
+            try:
+                importlib.import_module(f"onnxcomp.passes.{info.name}")
+            except Exception as exc:  # a broken optional pass must not take the others down
+                _BROKEN[info.name] = f"{type(exc).__name__}: {exc}"
     _DISCOVERED = True
 
 
@@ -129,7 +133,8 @@ def available_passes() -> dict[str, type[Pass]]:
 def get_pass_class(name: str) -> type[Pass]:
     passes = available_passes()
     if name not in passes:
-        raise RecipeError(f"unknown pass {name!r}; available passes: {', '.join(passes)}")
+        broken = next((f"; module {m!r} failed to import ({e})" for m, e in _BROKEN.items() if name.startswith(m)), "")
+        raise RecipeError(f"unknown pass {name!r}; available passes: {', '.join(passes)}{broken}")
     return passes[name]
 
 

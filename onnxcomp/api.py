@@ -1,0 +1,322 @@
+"""The Python API: ``onnxcomp.optimize(model, ...)`` does what ``onnxcomp optimize`` does.
+
+Load → passes (in memory) → save to a staging folder → verify (checker, ONNX Runtime, fidelity on
+held-out samples) → move into place (→ pack). Nothing is written unless verification passed, and the
+input is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxcomp import __version__
+from onnxcomp.errors import CalibrationError, OnnxcompError, OutputError, VerificationError
+from onnxcomp.model_io import check_output_path, load_model, staged_save
+from onnxcomp.model_stats import model_stats
+from onnxcomp.pass_base import PassContext
+from onnxcomp.pipeline import Pipeline
+from onnxcomp.progress import NullProgress, Progress
+from onnxcomp.recipe import Recipe, apply_overrides, parse_recipe, read_recipe_data
+from onnxcomp.verify import verify_model
+
+__all__ = ["ModelInput", "OptimizeResult", "default_output_path", "optimize", "resolve_recipe"]
+
+logger = logging.getLogger(__name__)
+
+ModelInput = str | os.PathLike[str] | onnx.ModelProto | ir.Model | Any  # Any: onnx_graphsurgeon.Graph
+
+
+@dataclass
+class OptimizeResult:
+    """What ``optimize`` produced: the model (in memory), where it was written, and the report."""
+
+    model: ir.Model
+    output_path: Path | None
+    report: dict[str, Any]
+    artifact_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("verification", {}).get("passed", False))
+
+
+def default_output_path(model_path: Path) -> Path:
+    """``model.onnx`` → ``model.onnxcomp.onnx`` beside it."""
+    return model_path.with_name(f"{model_path.stem}.onnxcomp.onnx")
+
+
+def _files_size(path: Path) -> int:
+    """Bytes of a model file plus the external data files it references."""
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    seen: set[str] = set()
+    tensors = list(proto.graph.initializer)
+    for t in tensors:
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                f = path.parent / entry.value
+                if f.is_file():
+                    total += f.stat().st_size
+    return total
+
+
+def resolve_recipe(
+    recipe: Recipe | str | os.PathLike[str] | Mapping[str, Any] | None,
+    *,
+    overrides: Sequence[str] = (),
+    target: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
+) -> Recipe:
+    """Turn a recipe argument (object, file, built-in name, dict or ``None`` = default) into a Recipe,
+    applying ``--set`` overrides and the ``--target`` / ``--calib`` shortcuts."""
+    if isinstance(recipe, Recipe):
+        data = recipe.as_dict()
+        source = recipe.source
+    elif recipe is None:
+        from onnxcomp.defaults import default_recipe_data
+
+        data, source = default_recipe_data(calibrated=calib is not None, target=target), "default"
+    elif isinstance(recipe, Mapping):
+        data, source = dict(recipe), "recipe"
+    else:
+        data, source = read_recipe_data(recipe)
+    data = apply_overrides(data, list(overrides))
+    if target is not None:
+        data.setdefault("target", {})["name"] = target
+    if calib is not None:
+        data.setdefault("calibration", {})["data"] = str(calib)
+    return parse_recipe(data, source=source)
+
+
+def _materialize_input(model: ModelInput, workdir: Path) -> tuple[Path, bool]:
+    """A path to the input model on disk (writing in-memory inputs to ``workdir``); True if temporary."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model), False
+    path = workdir / "input.onnx"
+    if isinstance(model, ir.Model):
+        ir.save(model, path, external_data="input.onnx.data", size_threshold_bytes=1024)
+        return path, True
+    if isinstance(model, onnx.ModelProto):
+        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+        return path, True
+    try:
+        import onnx_graphsurgeon as gs
+
+        if isinstance(model, gs.Graph):
+            onnx.save(gs.export_onnx(model), str(path))
+            return path, True
+    except ImportError:  # pragma: no cover
+        pass
+    raise OnnxcompError(
+        f"cannot optimize a {type(model).__name__}; pass a path, an onnx.ModelProto, an onnx_ir.Model "
+        "or an onnx_graphsurgeon.Graph"
+    )
+
+
+def _resolve_target(recipe: Recipe) -> Any:
+    if not recipe.target:
+        return None
+    from onnxcomp.targets.registry import get_target
+
+    return get_target(recipe.target)
+
+
+def _calibration_sources(recipe: Recipe, model: ir.Model) -> tuple[Any, Any]:
+    """(calibration source or None, held-out verification source or None)."""
+    if (
+        not recipe.calibration
+        or (recipe.calibration.get("data") is None
+        and recipe.calibration.get("kind") in (None, "auto"))
+    ):
+        return None, None
+    from onnxcomp.calibration.config import CalibrationConfig
+    from onnxcomp.calibration.sources import open_source
+    from onnxcomp.config import from_mapping
+
+    config = from_mapping(CalibrationConfig, recipe.calibration, where="calibration")
+    source = open_source(config, model=model)
+    holdout = getattr(config, "holdout", 0) or 0
+    if holdout:
+        return source.split(holdout)
+    return source, None
+
+
+def _lossless(recipe: Recipe) -> bool:
+    from onnxcomp.pass_base import get_pass_class
+
+    return all(getattr(get_pass_class(s.name), "lossless", False) for s in recipe.passes)
+
+
+def optimize(
+    model: ModelInput,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    recipe: Recipe | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    target: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    pack: str | os.PathLike[str] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    verify_samples: Iterable[dict[str, Any]] | None = None,
+    progress: Progress | None = None,
+) -> OptimizeResult:
+    """Compress ``model`` with ``recipe`` (default: the best safe recipe for the data given), verify it
+    and write it to ``output`` (nothing is written when ``output`` is None and the input was in memory).
+
+    Raises an :class:`OnnxcompError` subclass with a one-line message on any problem; the input is
+    never modified and no partial output is left behind.
+    """
+    progress = progress or NullProgress()
+    started = time.perf_counter()
+    resolved = resolve_recipe(recipe, overrides=overrides, target=target, calib=calib)
+    workdir = Path(tempfile.mkdtemp(prefix="onnxcomp-input-"))
+    try:
+        input_path, temporary = _materialize_input(model, workdir)
+        out_path: Path | None = Path(output) if output is not None else None
+        if out_path is None and resolved.output.path:
+            out_path = Path(resolved.output.path)
+        if out_path is None and not temporary:
+            out_path = default_output_path(input_path)
+        if out_path is not None:
+            check_output_path(out_path, inputs=(input_path,), force=force)
+        if pack is not None:
+            check_output_path(pack, inputs=(input_path,), force=force)
+        if report_path is not None:
+            check_output_path(report_path, inputs=(input_path,), force=force)
+
+        ir_model = load_model(input_path)
+        target_obj = _resolve_target(resolved)
+        if target_obj is not None and hasattr(target_obj, "check_recipe"):
+            target_obj.check_recipe(resolved)
+        passes = resolved.build_passes()
+        calib_source, holdout = _calibration_sources(resolved, ir_model)
+        needing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
+        if needing and calib_source is None:
+            raise CalibrationError(
+                f"pass {needing[0]!r} needs calibration data; pass --calib DATA (an .npz of model inputs, "
+                "a folder of images, ...) or set [calibration] data in the recipe"
+            )
+        input_stats = model_stats(ir_model)
+        input_size = _files_size(input_path)
+        ctx = PassContext(
+            calibration=(lambda: iter(calib_source)) if calib_source is not None else None,
+            target=target_obj,
+            progress=progress,
+        )
+        with progress.task("running passes", total=len(passes)) as step:
+            records = []
+            for p in passes:
+                records += Pipeline([p]).run(ir_model, ctx)
+                step(1)
+        lossless = _lossless(resolved)
+        stage_dest = out_path if out_path is not None else workdir / "optimized.onnx"
+        result_report: dict[str, Any] = {}
+        artifact: Path | None = None
+        with staged_save(
+            ir_model,
+            stage_dest,
+            external_data=resolved.output.external_data,
+            external_data_over=int(resolved.output.external_data_over_mb * (1 << 20)),
+        ) as staged:
+            if resolved.verify.enabled:
+                samples = (
+                    verify_samples
+                    if verify_samples is not None
+                    else (iter(holdout) if holdout is not None else None)
+                )
+                with progress.task("verifying", total=None):
+                    verification = verify_model(
+                        input_path,
+                        staged.path,
+                        samples,
+                        lossless=lossless,
+                        config=resolved.verify,
+                        data_source="held-out calibration samples" if holdout is not None else "user data",
+                    )
+                if not verification.passed:
+                    raise VerificationError(
+                        f"verification failed: {verification.failures[0]}; nothing was written "
+                        "(relax [verify] in the recipe or choose a milder recipe)"
+                    )
+                verification_dict = verification.as_dict()
+            else:
+                verification_dict = {"passed": None, "skipped": "verify.enabled = false"}
+            output_size = staged.size_bytes()
+            written: Path | None = None
+            if out_path is not None:
+                written = staged.commit()
+            if pack is not None or resolved.pack.get("enabled", bool(resolved.pack)):
+                artifact = _pack(ir_model, resolved, pack, out_path or input_path, progress)
+        result_report = {
+            "onnxcomp_version": __version__,
+            "input": {
+                "path": None if temporary else str(input_path),
+                "size_bytes": input_size,
+                **input_stats.as_dict(),
+            },
+            "output": {
+                "path": str(written) if written else None,
+                "size_bytes": output_size,
+                **model_stats(ir_model).as_dict(),
+            },
+            "size_ratio": (input_size / output_size) if output_size else None,
+            "passes": [r.as_dict() for r in records],
+            "verification": verification_dict,
+            "target": getattr(target_obj, "name", None),
+            "recipe": resolved.as_dict(),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if artifact is not None:
+            result_report["artifact"] = {"path": str(artifact), "size_bytes": artifact.stat().st_size}
+        warnings = []
+        if resolved.verify.enabled and verification_dict.get("data_source", "").startswith("synthetic"):
+            warnings.append(
+                "verified on synthetic inputs only; pass --calib DATA for a meaningful fidelity check"
+            )
+        result_report["warnings"] = warnings
+        if report_path is not None:
+            _write_json_atomic(Path(report_path), result_report)
+        return OptimizeResult(ir_model, written, result_report, artifact, warnings)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pack(model: ir.Model, recipe: Recipe, pack: Any, base: Path, progress: Progress) -> Path:
+    from onnxcomp.config import from_mapping
+    from onnxcomp.packing import PackConfig, pack_model
+
+    options = {k: v for k, v in recipe.pack.items() if k != "enabled"}
+    config = from_mapping(PackConfig, options, where="pack")
+    dest = Path(pack) if pack is not None else base.with_suffix(".onnxcomp.zip")
+    report = pack_model(model, dest, config=config, recipe=recipe.as_dict(), progress=progress)
+    return Path(getattr(report, "path", dest))
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxcomp-report-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the report ({exc.strerror})") from exc
