@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxcomp import __version__
 from onnxcomp.errors import CalibrationError, OnnxcompError, OutputError, VerificationError
-from onnxcomp.model_io import check_output_path, load_model, staged_save
+from onnxcomp.model_io import check_no_nan_weights, check_output_path, load_model, staged_save
 from onnxcomp.model_stats import model_stats
 from onnxcomp.pass_base import PassContext
 from onnxcomp.pipeline import Pipeline
@@ -203,6 +203,7 @@ def optimize(
             check_output_path(report_path, inputs=(input_path,), force=force)
 
         ir_model = load_model(input_path)
+        check_no_nan_weights(ir_model, source=str(input_path))
         target_obj = _resolve_target(resolved)
         if target_obj is not None and hasattr(target_obj, "check_recipe"):
             target_obj.check_recipe(resolved)

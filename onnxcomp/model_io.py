@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -24,6 +25,7 @@ from onnxcomp.errors import ModelLoadError, OutputError
 __all__ = [
     "MIN_OPSET",
     "StagedModel",
+    "check_no_nan_weights",
     "check_output_path",
     "external_tensors",
     "iter_graphs",
@@ -274,3 +276,27 @@ def save_model(
         model, path, external_data=external_data, external_data_over=external_data_over
     ) as staged:
         return staged.commit()
+
+
+def check_no_nan_weights(model: ir.Model, *, source: str = "model") -> None:
+    """Refuse float weights holding NaN (Inf is allowed: attention masks use it legitimately)."""
+    for graph in iter_graphs(model):
+        tensors = [(v.name, v.const_value) for v in graph.initializers.values() if v.const_value is not None]
+        for node in graph:
+            if node.op_type == "Constant":
+                attr = node.attributes.get("value")
+                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    tensors.append((node.outputs[0].name, attr.value))
+        for name, tensor in tensors:
+            if not tensor.dtype.is_floating_point():
+                continue
+            try:
+                array = tensor.numpy()
+            except Exception:  # exotic float types numpy cannot view (e.g. float4): skip
+                continue
+            count = int(np.count_nonzero(np.isnan(array.astype(np.float32, copy=False))))
+            if count:
+                raise ModelLoadError(
+                    f"{source}: weight {name!r} holds {count} NaN value(s); fix or re-export the model "
+                    "(compressing NaN weights would give meaningless results)"
+                )

@@ -1,0 +1,115 @@
+"""The Python API: inputs of every kind, reports with real numbers, verification that blocks writes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnxcomp
+from onnxcomp.errors import CalibrationError, VerificationError
+from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+
+
+@dataclass(frozen=True)
+class _NoiseConfig:
+    scale: float = 0.5
+
+
+@register_pass
+class _NoisePass(Pass):
+    """Test-only lossy pass: adds Gaussian noise of relative size ``scale`` to every float weight."""
+
+    name: ClassVar[str] = "test-noise"
+    Config: ClassVar[type] = _NoiseConfig
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        rng = np.random.default_rng(0)
+        for value in model.graph.initializers.values():
+            w = value.const_value.numpy()
+            noisy = w + self.config.scale * np.std(w) * rng.standard_normal(w.shape).astype(w.dtype)
+            value.const_value = ir.tensor(noisy, name=value.name)
+        return PassResult(True, {"scale": self.config.scale})
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_optimize_path_writes_verified_model_and_report(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "tiny.opt.onnx"
+    report_file = tmp_path / "report.json"
+    result = onnxcomp.optimize(tiny_model_path, output=out, report_path=report_file)
+    assert result.output_path == out and out.exists()
+    report = json.loads(report_file.read_text())
+    assert report["verification"]["passed"] is True
+    assert report["verification"]["lossless"] is True
+    assert report["input"]["nodes"] == 5 and report["output"]["nodes"] == 4  # Identity removed
+    assert report["passes"][0]["name"] == "cleanup"
+    assert report["output"]["size_bytes"] == out.stat().st_size
+    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(tiny_model_path, x), rtol=1e-5, atol=1e-6)
+    assert result.warnings and "synthetic" in result.warnings[0]
+
+
+def test_optimize_accepts_protos_ir_and_graphsurgeon(tiny_model_path: Path) -> None:
+    import onnx_graphsurgeon as gs
+
+    proto = onnx.load(str(tiny_model_path))
+    for model in (proto, ir.from_proto(proto), gs.import_onnx(proto)):
+        result = onnxcomp.optimize(model)
+        assert result.output_path is None
+        assert result.report["verification"]["passed"] is True
+        assert [n.op_type for n in result.model.graph] == ["MatMul", "Add", "Relu", "MatMul"]
+
+
+def test_failed_verification_writes_nothing(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    recipe = {"passes": [{"name": "test-noise", "scale": 2.0}], "verify": {"min_cosine": 0.999}}
+    with pytest.raises(VerificationError, match=r"cosine .* < verify.min_cosine=0.999; nothing was written"):
+        onnxcomp.optimize(tiny_model_path, output=out, recipe=recipe)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_lossy_pass_reports_fidelity(tiny_model_path: Path, tmp_path: Path) -> None:
+    recipe = {"passes": [{"name": "test-noise", "scale": 0.01}], "verify": {"min_cosine": 0.9, "samples": 4}}
+    result = onnxcomp.optimize(tiny_model_path, output=tmp_path / "o.onnx", recipe=recipe)
+    fid = result.report["verification"]["outputs"]["y"]
+    assert result.report["verification"]["lossless"] is False
+    assert 0.99 < fid["cosine"] < 1.0
+    assert fid["max_abs"] > 0
+    assert fid["samples"] == 4
+    assert 0.0 <= fid["top1_agreement"] <= 1.0
+
+
+def test_set_overrides_and_target_shortcut(tiny_model_path: Path) -> None:
+    from onnxcomp.api import resolve_recipe
+
+    recipe = resolve_recipe(None, overrides=["verify.samples=3"], calib=None)
+    assert recipe.verify.samples == 3 and recipe.passes[0].name == "cleanup"
+
+
+def test_missing_calibration_for_a_pass_that_needs_it(tiny_model_path: Path) -> None:
+    @dataclass(frozen=True)
+    class _Cfg:
+        pass
+
+    @register_pass
+    class _NeedsData(Pass):
+        name: ClassVar[str] = "test-needs-data"
+        Config: ClassVar[type] = _Cfg
+        needs_calibration: ClassVar[bool] = True
+
+        def run(self, model: ir.Model, ctx: PassContext) -> PassResult:  # pragma: no cover
+            return PassResult(False)
+
+    with pytest.raises(CalibrationError, match="pass 'test-needs-data' needs calibration data; pass --calib"):
+        onnxcomp.optimize(tiny_model_path, recipe={"passes": [{"name": "test-needs-data"}]})
