@@ -226,6 +226,9 @@ def _save_into(model: ir.Model, path: Path, external: str | None) -> None:
         if external:
             ir.save(model, path, external_data=external, size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
         else:
+            if next(external_tensors(model), None) is not None:
+                # a single-file output must not keep pointing at the input's data file
+                ir.external_data.load_to_model(model)
             ir.save(model, path)
     except OSError as exc:
         raise OutputError(f"{path.parent}: could not write the model ({exc.strerror})") from exc

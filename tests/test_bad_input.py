@@ -51,15 +51,17 @@ def _set_location(path: Path, location: str) -> None:
     onnx.save(model, str(path))
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 CASES = {
     "missing file": ("no such file", lambda d: d / "nope.onnx"),
     "directory": ("is a folder", lambda d: d),
-    "empty file": ("the file is empty", lambda d: (d / "empty.onnx").write_bytes(b"") or d / "empty.onnx"),
-    "random bytes": (
-        "not",
-        lambda d: (d / "rand.onnx").write_bytes(np.random.default_rng(1).bytes(4096)) or d / "rand.onnx",
-    ),
-    "json file": ("not", lambda d: (d / "model.json").write_text(json.dumps({"a": 1})) or d / "model.json"),
+    "empty file": ("the file is empty", lambda d: _write(d / "empty.onnx", b"")),
+    "random bytes": ("not", lambda d: _write(d / "rand.onnx", np.random.default_rng(1).bytes(4096))),
+    "json file": ("not", lambda d: _write(d / "model.json", json.dumps({"a": 1}).encode())),
 }
 
 
