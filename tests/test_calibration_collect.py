@@ -163,16 +163,22 @@ def test_no_tensor_outlives_its_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(observers.OBSERVERS, "minmax", Recording)
     model, _ = _conv_model()
-    collect_statistics(model, ["c", "r", "y"], _samples(50))
+    collect_statistics(model, ["c", "r", "y"], _samples(50), buffer_bytes=0)
     gc.collect()
-    assert len(refs) == 150
+    assert len(refs) == 150  # one update per tensor per sample
     assert sum(r() is not None for r in refs) == 0
+    refs.clear()
+    pooled = collect_statistics(model, ["c", "r", "y"], _samples(50), buffer_bytes=20_000)
+    gc.collect()
+    assert 3 < len(refs) < 150  # pooled: fewer, larger updates
+    assert sum(r() is not None for r in refs) == 0
+    assert pooled["c"].count == 50 * 4 * 16 * 16
 
 
 def _peak_bytes(model: ir.Model, n: int, kind: str) -> int:
     tracemalloc.start()
     try:
-        collect_statistics(model, ["c", "r", "y"], _samples(n), observer=kind)
+        collect_statistics(model, ["c", "r", "y"], _samples(n), observer=kind, buffer_bytes=64 * 1024)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -184,5 +190,14 @@ def test_peak_memory_does_not_grow_with_samples(kind: str) -> None:
     _peak_bytes(model, 2, kind)  # warm up caches / lazy imports
     small = _peak_bytes(model, 10, kind)
     large = _peak_bytes(model, 200, kind)
-    # 200 samples of 3 tensors x 4 KiB would add 2.4 MiB if anything were kept
-    assert large < small * 1.2 + 64 * 1024, (small, large)
+    # 200 samples of 3 tensors x 4 KiB would add 2.4 MiB if anything were kept; pooling is capped at 64 KiB
+    assert large < small * 1.2 + 128 * 1024, (small, large)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "entropy", "mse"])
+def test_pooling_does_not_change_results(kind: str) -> None:
+    model, _ = _conv_model()
+    one = collect_statistics(model, ["c", "y"], _samples(12), observer=kind, buffer_bytes=0)
+    pooled = collect_statistics(model, ["c", "y"], _samples(12), observer=kind)
+    for name in ("c", "y"):
+        assert one[name].range() == pooled[name].range()

@@ -215,3 +215,51 @@ def test_histogram_batch_invariance_property(values: list[float], cut: int) -> N
     many = _feed(PercentileObserver(percentile=99.0, bins=256), x, cut)
     np.testing.assert_array_equal(one.hist.counts, many.hist.counts)
     assert one.range() == many.range()
+
+
+def _kl_loop(hist: np.ndarray, i: int, levels: int) -> float:
+    """Straightforward TensorRT KL for one threshold (reference for the vectorized version)."""
+    p = hist[:i].astype(np.float64).copy()
+    p[-1] += hist[i:].sum()
+    groups = (np.arange(i) * levels) // i
+    q = np.zeros(i)
+    for g in range(levels):
+        members = np.nonzero((groups == g) & (hist[:i] > 0))[0]
+        if members.size:
+            q[members] = hist[:i][groups == g].sum() / members.size
+    p, q = p / p.sum(), q / q.sum()
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], 1e-12))))
+
+
+def test_vectorized_kl_matches_a_plain_loop() -> None:
+    from onnxcomp.calibration.observers import _kl_divergences
+
+    rng = np.random.default_rng(0)
+    hist = np.abs(rng.standard_normal(600) * 50).astype(np.int64) * (rng.random(600) > 0.2)
+    hist[590:] = 0
+    hist[400] = 3
+    cands = np.array([16, 17, 40, 99, 128, 333, 401, 450])
+    got = _kl_divergences(hist, cands, 16)
+    want = [_kl_loop(hist, int(i), 16) for i in cands]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_mse_prefix_sums_match_brute_force() -> None:
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.laplace(size=50_000), [40.0, -35.0]]).astype(np.float32)
+    obs = MSEObserver(bits=4, candidates=64)
+    obs.update(x)
+    lo, hi = obs.range()
+    h = obs.hist
+    counts = h.counts.astype(np.float64)
+    centres = np.clip(-h.radius + (np.arange(h.bins) + 0.5) * h.width, obs.min, obs.max)
+    best, best_err = None, np.inf
+    for t in max(-obs.min, obs.max) * np.linspace(1 / 64, 1.0, 64):
+        a, b = max(obs.min, -t), min(obs.max, t)
+        clip = np.clip(a - centres, 0, None) + np.clip(centres - b, 0, None)
+        s = (b - a) / 15
+        err = np.sum(counts * clip**2) + counts[clip == 0].sum() * s * s / 12
+        if err < best_err:
+            best, best_err = (a, b), err
+    assert (lo, hi) == pytest.approx(best)

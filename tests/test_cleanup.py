@@ -9,8 +9,15 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from onnxcomp.passes.bn_folding import fold_into_conv_transpose
+from onnxcomp.passes.bn_folding import (
+    bn_scale_shift,
+    fold_into_conv_transpose,
+    fold_into_gemm,
+    fold_into_matmul,
+)
 from onnxcomp.passes.cleanup import CleanupConfig, CleanupPass
 
 from onnxcomp.errors import RecipeError
@@ -217,6 +224,18 @@ def test_loop_body_weights_move_to_the_main_graph() -> None:
     _assert_same(proto, out, {"h0": _rand(2, 4)})
 
 
+@pytest.mark.parametrize("cond", [True, False])
+def test_if_with_constant_condition_inlined(cond: bool) -> None:
+    proto = _if_model(_rand(4, 4), _rand(4, 4))
+    proto.graph.input.pop(0)  # cond becomes a constant
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(cond), "cond"))
+    out, details = _clean(proto)
+    assert _ops(out) == ["MatMul"] and details["constant_ifs_inlined"] == 1
+    assert out.graph.node[0].output == ["y"]
+    assert [i.name for i in out.graph.initializer] == ["w_then" if cond else "w_else"]
+    _assert_same(proto, out, {"x": _rand(2, 4)})
+
+
 def test_custom_domain_nodes_are_kept() -> None:
     proto = helper.make_model(
         helper.make_graph(
@@ -294,6 +313,23 @@ def test_dropout_with_used_mask_or_training_input_kept() -> None:
     )
     out, details = _clean(proto)
     assert _ops(out) == ["Dropout", "Dropout"] and "dropouts_removed" not in details
+
+
+def test_noop_casts_removed_type_changing_casts_kept() -> None:
+    proto = _model(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),  # no value_info: the type comes from inference
+            helper.make_node("Cast", ["r"], ["c1"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["c1"], ["c2"], to=TensorProto.FLOAT16),
+            helper.make_node("Cast", ["c2"], ["y"], to=TensorProto.FLOAT),
+        ],
+        [_vi("x", [2, 3])],
+        [_vi("y", [2, 3])],
+    )
+    out, details = _clean(proto)
+    assert _ops(out) == ["Relu", "Cast", "Cast"] and details["noop_casts_removed"] == 1
+    assert out.graph.node[1].input == ["r"]
+    _assert_same(proto, out, {"x": _rand(2, 3)})
 
 
 # -- constant folding -------------------------------------------------------------------------
@@ -620,3 +656,33 @@ def test_external_weights_not_changed_stay_memory_mapped(tmp_path: Path) -> None
     after = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feeds)
     for g, e in zip(after, before, strict=True):
         np.testing.assert_allclose(g, e, rtol=RTOL, atol=ATOL)
+
+
+# -- BN numerics (pure numpy) -------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    k=st.integers(1, 6),
+    m=st.integers(1, 6),
+    trans_b=st.booleans(),
+    beta=st.floats(0.1, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_and_matmul_fold_equal_bn_of_output(
+    n: int, k: int, m: int, trans_b: bool, beta: float, seed: int
+) -> None:
+    """``BN(α·A·op(B) + β·C) == α·A·op(B') + C'`` and ``BN(x·W) == x·W' + b'`` (float64)."""
+    rng = np.random.default_rng(seed)
+    a, c = rng.standard_normal((n, k)), rng.standard_normal((1, m))
+    w = rng.standard_normal((m, k) if trans_b else (k, m))
+    gamma, bshift, mean = rng.standard_normal((3, m))
+    var = rng.uniform(0.1, 2.0, m)
+    s, t = bn_scale_shift(gamma, bshift, mean, var, 1e-5)
+    op_w = w.T if trans_b else w
+    expected = ((0.7 * a @ op_w + beta * c) - mean) / np.sqrt(var + 1e-5) * gamma + bshift
+    w2, c2 = fold_into_gemm(w, c, s, t, trans_b=trans_b, beta=beta)
+    np.testing.assert_allclose(0.7 * a @ (w2.T if trans_b else w2) + c2, expected, rtol=1e-9, atol=1e-9)
+    w3, b3 = fold_into_matmul(op_w, s, t)
+    np.testing.assert_allclose(a @ w3 + b3, (a @ op_w - mean) * s + bshift, rtol=1e-9, atol=1e-9)

@@ -82,6 +82,8 @@ if not _has_locale("en_US.UTF-8"):
 SLOW = {
     "light/light_bvlc_alexnet",
     "light/light_densenet121",
+    "light/light_inception_v2",
+    "light/light_resnet50",
     "light/light_vgg19",
     "light/light_zfnet512",
 }

@@ -233,3 +233,18 @@ def test_image_folder_labels_follow_files(zoo_dir: Path, tmp_path: Path) -> None
     assert files is not None and len(files) == 100
     labels = load_labels(folder / "labels.csv", files=files)
     assert labels[0] == 0 and sorted(labels.tolist()) == list(range(0, 1000, 10))
+
+
+@pytest.mark.zoo
+def test_squeezenet_fp16_top1_on_imagenet_100(zoo_dir: Path) -> None:
+    """End to end on real images: BGR, mean-subtracted, fp16 input; SOURCES.md says top-1 ≈ 61 %."""
+    model = zoo_dir / "squeezenet1.1-fp16" / "SqueezeNet_fp16.onnx"
+    folder = zoo_dir / "images" / "imagenet-100"
+    data = {"data": str(folder), "channel_order": "BGR", "mean": [104.0, 117.0, 123.0],
+            "resize": [256], "center_crop": [224, 224]}  # fmt: skip
+    res = evaluate(model, model, data, labels=folder / "labels.csv", threads=2)
+    assert res.samples == 100
+    assert res.classification is not None and res.classification["output"] == "softmaxout_1"
+    ref = res.classification["reference"]
+    assert 0.55 <= ref["accuracy"] <= 0.70
+    assert ref["top5"] >= 0.8

@@ -397,3 +397,73 @@ def test_builtin_lowrank_recipes_parse(repo_root: Path) -> None:
     for path in recipes:
         recipe = load_recipe(path)
         assert any(spec.name == "factorize" for spec in recipe.passes)
+
+
+def test_sequential_whitening_compensates_earlier_layers() -> None:
+    rng = np.random.default_rng(20)
+    k = 48
+    mix = rng.standard_normal((k, k)) * (0.8 ** np.arange(k))
+    w1, w2 = rng.standard_normal((k, k)), rng.standard_normal((k, k))
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="a"),
+        helper.make_node("Tanh", ["h"], ["t"]),
+        helper.make_node("MatMul", ["t", "W2"], ["y"], name="b"),
+    ]
+
+    def build() -> ir.Model:
+        return _model(nodes, [("x", [4, k])], [("y", [4, k])], {"W1": w1 / 8, "W2": w2})
+
+    def samples() -> list[dict[str, np.ndarray]]:
+        r = np.random.default_rng(21)
+        return [{"x": (r.standard_normal((4, k)) @ mix.T).astype(np.float32)} for _ in range(30)]
+
+    x_eval = (np.random.default_rng(22).standard_normal((4, k)) @ mix.T).astype(np.float32)
+    ref = _run(build(), {"x": x_eval})
+    errors = {}
+    for sequential in (False, True):
+        model = build()
+        details = _apply(
+            model,
+            {
+                "rank_rule": "fixed",
+                "fixed_rank": 8,
+                "whiten": "always",
+                "sequential": sequential,
+                "min_params": 0,
+            },
+            PassContext(calibration=samples),
+        )
+        assert [d["node"] for d in details["layers"]] == ["a", "b"]
+        errors[sequential] = np.linalg.norm(_run(model, {"x": x_eval}) - ref) / np.linalg.norm(ref)
+    assert errors[True] < 0.97 * errors[False]
+
+
+def test_sequential_conv_chain_runs_and_reports_output_error() -> None:
+    rng = np.random.default_rng(23)
+    w1, w2 = rng.standard_normal((16, 4, 3, 3)), rng.standard_normal((8, 16, 3, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", strides=[2, 2]),
+    ]
+    model = _model(nodes, [("x", [1, 4, 9, 9])], [("y", [1, 8, 4, 4])], {"W1": w1, "W2": w2})
+
+    def samples() -> list[dict[str, np.ndarray]]:
+        r = np.random.default_rng(24)
+        return [{"x": r.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(4)]
+
+    details = _apply(
+        model,
+        {
+            "rank_rule": "fixed",
+            "fixed_rank": 30,
+            "whiten": "always",
+            "sequential": True,
+            "min_params": 0,
+            "min_saving": -1.0,
+        },
+        PassContext(calibration=samples),
+    )
+    # rank 30 ≥ the first layer's rank (16) and close to full for the second: outputs nearly unchanged
+    assert all(d["output_rel_error"] < 0.05 for d in details["layers"])
+    assert [n.op_type for n in model.graph].count("Conv") == 4

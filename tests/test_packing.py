@@ -24,7 +24,9 @@ from onnxcomp.packing import (
     code_entropy_bits,
     codec_available,
     decode_region,
+    encode_bytes4,
     encode_nibble,
+    encode_shuffle,
     encode_sparse,
     find_grid,
     pack_model,
@@ -243,6 +245,31 @@ def test_nibble_layout(tmp_path: Path) -> None:
     _assert_same(_session(model).run(None, feeds), _packed(tmp_path / "n.zip").run(None, feeds))
 
 
+def test_bytes4_layout() -> None:
+    codes = np.random.default_rng(3).integers(-8, 8, size=(7, 5)).astype(ml_dtypes.int4)
+    raw = ir.Tensor(codes).tobytes()
+    payload, region = encode_bytes4(raw, count=codes.size)
+    assert len(payload) == 35 and region["length"] == 18
+    assert decode_region(region, payload).tobytes() == raw
+
+
+def test_shuffle_layout(tmp_path: Path) -> None:
+    w = np.random.default_rng(4).standard_normal((300, 70)).astype(np.float32) * np.float32(1e-3)
+    payload, region = encode_shuffle(w.tobytes(), itemsize=4)
+    assert decode_region(region, payload).tobytes() == w.tobytes()
+    model = ir.from_onnx_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,300] x) => (float[1,70] y) <float[300,70] W> { y = MatMul(x, W) }""",
+        initializers=[ir.tensor(w, name="W")],
+    )
+    shuffled = pack_model(model, tmp_path / "s.zip")
+    plain = pack_model(model, tmp_path / "p.zip", config=PackConfig(shuffle=False))
+    assert [t.layout for t in shuffled.tensors] == ["shuffle"]
+    assert shuffled.artifact_bytes < plain.artifact_bytes
+    x = {"x": np.ones((1, 300), np.float32)}
+    _assert_same(_packed(tmp_path / "s.zip").run(None, x), _packed(tmp_path / "p.zip").run(None, x))
+
+
 def test_find_grid() -> None:
     w = RNG.standard_normal((16, 8)).astype(np.float32)
     assert find_grid(w, axis=None) is None
@@ -348,6 +375,20 @@ def test_pack_config_validation() -> None:
         from_mapping(PackConfig, {"levle": 1}, where="pack")
     cfg = from_mapping(PackConfig, {"codec": "zstd", "level": 19, "sparse": "auto"}, where="pack")
     assert cfg.sparse == "auto" and cfg.level == 19
+    with pytest.raises(RecipeError, match=r"pack\.order must be one of"):
+        from_mapping(PackConfig, {"order": "size"}, where="pack")
+
+
+def test_tensor_order_in_the_data_file(tmp_path: Path) -> None:
+    model = _mixed_model(with_q=False)
+    grouped = pack_model(model, tmp_path / "a.zip", config=PackConfig(min_tensor_bytes=64))
+    kept = pack_model(model, tmp_path / "b.zip", config=PackConfig(min_tensor_bytes=64, order="model"))
+    dtypes = [t.dtype for t in grouped.tensors]
+    assert dtypes == sorted(dtypes, key=lambda d: (ir.DataType[d].itemsize, d))
+    assert sorted(t.name for t in kept.tensors) == sorted(t.name for t in grouped.tensors)
+    assert grouped.path == tmp_path / "a.zip"
+    feeds = _x()
+    _assert_same(_packed(tmp_path / "a.zip").run(None, feeds), _packed(tmp_path / "b.zip").run(None, feeds))
 
 
 def test_cli_pack_and_unpack(tmp_path: Path) -> None:

@@ -216,3 +216,38 @@ def test_unpack_refuses_a_non_empty_destination(artifact: Path, tmp_path: Path) 
         "model.onnx.data",
     ]
     assert read_artifact(artifact).files["model.onnx.data"] == (empty / "model.onnx.data").read_bytes()
+
+
+def test_external_data_outside_the_artifact_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packed model naming a data file the artifact does not hold must not read it from disk."""
+    from onnx import TensorProto, helper
+
+    (tmp_path / "secret.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    monkeypatch.chdir(tmp_path)
+    for location in ("secret.bin", "../secret.bin", str(tmp_path / "secret.bin")):
+        t = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[16])
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", "0"), ("length", "64")):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["W"], ["y"])],
+            "g",
+            [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+            initializer=[t],
+        )
+        data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+        manifest = {
+            "format": "onnxcomp-artifact",
+            "format_version": 1,
+            "model": "model.onnx",
+            "members": [
+                {"name": "model.onnx", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            ],
+        }
+        art = _write(tmp_path / "evil.zip", manifest, [("model.onnx", data)])
+        with pytest.raises(ArtifactError, match="cannot load the packed model"):
+            load_session(art)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 from types import SimpleNamespace
 
@@ -69,11 +70,12 @@ def test_aggregate_ort_profile_skips_warmup() -> None:
     def node(ts, dur, name, op):
         return {"cat": "Node", "ts": ts, "dur": dur, "name": f"{name}_kernel_time", "args": {"op_name": op}}
 
-    events = [{"cat": "Session", "name": "model_run", "ts": t, "dur": 90} for t in (0, 100, 200)]
+    events = [{"cat": "Session", "name": "model_run", "ts": t, "dur": 90} for t in (0, 100, 200, 300)]
     events += [node(1, 500, "conv", "Conv"), node(60, 500, "relu", "Relu")]  # warm-up run: ignored
-    for t in (100, 200):
+    for t in (100, 200, 300):
+        conv = 60 if t != 300 else 9000  # one descheduled kernel: the median ignores it
         events += [
-            node(t + 1, 60, "conv", "Conv"),
+            node(t + 1, conv, "conv", "Conv"),
             node(t + 70, 20, "relu", "Relu"),
             node(t + 80, 20, "c2", "Conv"),
         ]
@@ -82,7 +84,7 @@ def test_aggregate_ort_profile_skips_warmup() -> None:
         )
     agg = aggregate_ort_profile(events, skip_runs=1)
     ops = {o["op_type"]: o for o in agg["op_types"]}
-    assert agg["runs"] == 2
+    assert agg["runs"] == 3
     assert ops["Conv"]["ms_per_run"] == pytest.approx(0.080) and ops["Conv"]["nodes"] == 2
     assert ops["Relu"]["percent"] == pytest.approx(20.0)
     assert agg["layers"][0]["name"] == "conv"
@@ -189,6 +191,9 @@ def test_profile_refuses_what_cannot_run_here(tmp_path) -> None:
         profile_models([path], target="jetson-orin")
     with pytest.raises(TargetError, match="no such model file"):
         profile_models([tmp_path / "missing.onnx"])
+    other = "x86-vnni" if platform.machine().lower() in ("aarch64", "arm64") else "arm64-dotprod"
+    with pytest.raises(TargetError, match="profile on the device itself"):
+        profile_models([path], target={"name": "ort-cpu", "cpu": other})
     with pytest.raises(ValueError, match="batch sizes"):
         ProfileSettings(batches=(0,))
 
@@ -262,3 +267,14 @@ def test_cli_compile_and_targets(tmp_path, capsys) -> None:
     assert main(["targets", "ort-cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["name"] == "ort-cpu"
     assert main(["targets", "nope"]) == 2
+
+
+@pytest.mark.zoo
+def test_zoo_mnist_profile_and_compile(zoo_dir, tmp_path) -> None:
+    src = zoo_dir / "mnist" / "mnist.onnx"
+    out = tmp_path / "mnist.opt.onnx"
+    info = compile_model(src, out)
+    assert sum(info["ops_after"].values()) < sum(info["ops_before"].values())  # fusions happened
+    report = profile_models([src, out], settings=ProfileSettings(isolate=False, threads=1, **FAST))
+    assert report["models"][0]["op_types"][0]["op_type"] == "Conv"
+    assert report["models"][1]["ratio_to_baseline"]["p50"] > 0

@@ -147,3 +147,50 @@ def test_build_and_time_engine_on_gpu(tmp_path) -> None:  # pragma: no cover - G
     assert build.engine and (tmp_path / "cache.bin").is_file()
     timing = time_engine(build.engine, inputs={"x": np.ones((1, 4), np.float32)}, runs=20)
     assert len(timing["samples_ms"]) == 20 and min(timing["samples_ms"]) > 0
+
+
+@pytest.mark.zoo
+def test_zoo_models_on_the_tx2_parser(zoo_dir) -> None:
+    """Real models: the CNNs build on TensorRT 8.2; Silero VAD (opset 15, Slice axes computed) does not."""
+    for rel in (
+        "mnist/mnist.onnx",
+        "squeezenet1.1-fp16/SqueezeNet_fp16.onnx",
+        "yunet-n/yunet_n_320_320.onnx",
+        "ultraface/version-RFB-320.onnx",
+    ):
+        issues = check_compat(zoo_dir / rel, "8.2.1", target=get_target("jetson-tx2"))
+        assert [i for i in issues if i.severity == "error"] == [], rel
+    dynamic = codes(check_compat(zoo_dir / "yunet-n/yunet_n_dynamic.onnx", "8.2.1"))
+    assert dynamic == {"dynamic-shape": "warning"}
+    vad = check_compat(zoo_dir / "silero-vad/silero_vad_16k_op15.onnx", "8.2.1")
+    assert codes(vad)["opset-too-new"] == "error" and codes(vad)["input-not-initializer"] == "error"
+    assert "opset-too-new" not in codes(check_compat(zoo_dir / "silero-vad/silero_vad_16k_op15.onnx", "8.6"))
+
+
+def test_engine_layer_times_grouped_by_onnx_op(tmp_path) -> None:
+    from onnxcomp.targets.profile import _group_trt_layers
+
+    path = tmp_path / "m.onnx"
+    onnx.save(qdq_conv_model(), str(path))
+    layers_ms = {"q + conv": 0.6, "Reformatting CopyNode for Output Tensor 0": 0.1, "dq": 0.3}
+    info = {
+        "Layers": [
+            {
+                "Name": "q + conv",
+                "LayerType": "CaskConvolution",
+                "Metadata": "[ONNX Layer: q]\x1f[ONNX Layer: conv]",
+            }
+        ]
+    }
+    op_types, layers = _group_trt_layers(layers_ms, info, path)
+    assert [(o["op_type"], round(o["percent"])) for o in op_types] == [
+        ("Conv", 60),
+        ("DequantizeLinear", 30),
+        ("Reformat", 10),
+    ]
+    assert layers[0] == {
+        "name": "q + conv",
+        "op_type": "Conv",
+        "ms_per_run": 0.6,
+        "percent": pytest.approx(60.0),
+    }

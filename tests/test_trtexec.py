@@ -272,5 +272,10 @@ def test_cli_emit_and_import(tmp_path, capsys) -> None:
     report = json.loads(report_path.read_text())
     assert report["models"][1]["slower_than_baseline"]
     assert report["models"][1]["ratio_to_baseline"]["p50"] == pytest.approx(1.5, rel=0.02)
+    assert main(["profile", "--import-trtexec", str(tmp_path / "a"), "--json", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["target"]["name"] == "tensorrt"
+    capsys.readouterr()
+    assert main(["profile", "--target", "ort-cpu", "--import-trtexec", str(tmp_path / "a")]) == 2
+    assert "not a TensorRT target" in capsys.readouterr().err
     assert main(["profile", "--target", "jetson-tx2", str(path)]) == 2
     assert "--emit-trtexec" in capsys.readouterr().err

@@ -1,0 +1,181 @@
+"""Run a model over calibration samples in ONNX Runtime and feed streaming observers.
+
+Only the tensors that need statistics are exposed as outputs (the model's own outputs are dropped
+unless asked for), samples are run one at a time, and each sample's tensors are folded into the
+observers and released before the next sample is read: peak memory is one sample's worth of the
+requested tensors plus the observers' fixed state, whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from onnxcomp.calibration.observers import Observer, make_observer
+
+from onnxcomp.errors import CalibrationError
+from onnxcomp.ort_session import session_from_model, session_options
+from onnxcomp.progress import NullProgress, Progress
+
+__all__ = ["calibration_session_options", "collect_statistics", "stream_tensors", "tensor_names"]
+
+logger = logging.getLogger(__name__)
+
+
+def tensor_names(model: ir.Model) -> set[str]:
+    """Names of every tensor of the main graph (inputs, initializers, node outputs)."""
+    graph = model.graph
+    names = {v.name for v in graph.inputs if v.name}
+    names.update(n for n in graph.initializers if n)
+    for node in graph:
+        names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def calibration_session_options(*, threads: int | None = None) -> ort.SessionOptions:
+    """Session options for collection: full graph optimization (requested outputs are kept) and no
+    spin-waiting of ORT's threads, which would steal the cores the observers run on between samples."""
+    options = session_options(threads=threads, optimization="all")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _plan(model: ir.Model, names: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray], set[str]]:
+    """Split ``names`` into tensors to run for, constants, and graph inputs read from the sample."""
+    graph = model.graph
+    known = tensor_names(model)
+    missing = [n for n in names if n not in known]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CalibrationError(
+            f"tensor {missing[0]!r}{more} is not in the model's main graph; "
+            "statistics can be collected only for main-graph tensors"
+        )
+    inputs = {v.name for v in graph.inputs}
+    constants: dict[str, np.ndarray] = {}
+    from_sample: set[str] = set()
+    run: list[str] = []
+    for name in names:
+        if name in inputs:
+            from_sample.add(name)
+        elif name in graph.initializers:
+            value = graph.initializers[name].const_value
+            if value is None:
+                raise CalibrationError(f"initializer {name!r} has no value")
+            constants[name] = value.numpy()
+        else:
+            run.append(name)
+    return run, constants, from_sample
+
+
+def stream_tensors(
+    model: ir.Model,
+    names: Sequence[str],
+    samples: Iterable[Mapping[str, np.ndarray]],
+    *,
+    options: ort.SessionOptions | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each sample, ``{name: value}`` of the named tensors (intermediates, graph inputs or
+    initializers), computed by ONNX Runtime one sample at a time. The model is not modified."""
+    names = list(dict.fromkeys(names))
+    run, constants, from_sample = _plan(model, names)
+    graph_inputs = [v.name for v in model.graph.inputs]
+    session = None
+    if run:
+        session = session_from_model(
+            model,
+            extra_outputs=run,
+            only_extra_outputs=True,
+            options=options or calibration_session_options(),
+        )
+        feedable = {i.name for i in session.get_inputs()}
+    else:
+        feedable = set(graph_inputs)
+    for index, sample in enumerate(samples):
+        out: dict[str, np.ndarray] = {}
+        for name in from_sample:
+            if name in sample:
+                out[name] = np.asarray(sample[name])
+            elif name in constants:
+                out[name] = constants[name]
+            elif name in model.graph.initializers and model.graph.initializers[name].const_value is not None:
+                out[name] = model.graph.initializers[name].const_value.numpy()
+            else:
+                raise CalibrationError(f"sample {index} has no value for the graph input {name!r}")
+        if session is not None:
+            feed = {k: v for k, v in sample.items() if k in feedable}
+            try:
+                values = session.run(run, feed)
+            except Exception as exc:  # ORT raises its own exception types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CalibrationError(f"ONNX Runtime failed on calibration sample {index}: {first}") from exc
+            out.update(zip(run, values, strict=True))
+        out.update(constants)
+        yield {name: out[name] for name in names}
+
+
+def collect_statistics(
+    model: ir.Model,
+    names: Sequence[str],
+    samples: Iterable[Mapping[str, np.ndarray]],
+    *,
+    observer: str = "minmax",
+    progress: Progress | None = None,
+    options: ort.SessionOptions | None = None,
+    buffer_bytes: int = 16 << 20,
+    **opts: Any,
+) -> dict[str, Observer]:
+    """One streaming pass over ``samples``: ``{name: observer}`` fed with every value of each named
+    tensor. ``observer`` is ``minmax``, ``percentile``, ``entropy`` or ``mse``; ``opts`` go to it
+    (e.g. ``percentile=99.99``). Small samples are pooled up to ``buffer_bytes`` before the observers
+    see them (observers are batch-invariant), so memory stays below ``buffer_bytes`` + one sample."""
+    names = list(dict.fromkeys(names))
+    observers = {name: make_observer(observer, **opts) for name in names}
+    if not names:
+        return observers
+    progress = progress or NullProgress()
+    total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
+    seen = 0
+    pending: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        for name, arrays in pending.items():
+            if len(arrays) == 1:
+                observers[name].update(arrays[0])
+            elif arrays:
+                observers[name].update(np.concatenate([np.ravel(a) for a in arrays]))
+            arrays.clear()
+        pending_bytes = 0
+
+    with progress.task(f"calibrating {len(names)} tensors ({observer})", total=total) as step:
+        for values in stream_tensors(model, names, samples, options=options):
+            size = sum(v.nbytes for v in values.values())
+            if size >= buffer_bytes:
+                for name, value in values.items():
+                    observers[name].update(value)
+            else:
+                for name, value in values.items():
+                    pending[name].append(value)
+                pending_bytes += size
+                if pending_bytes >= buffer_bytes:
+                    flush()
+            del values
+            seen += 1
+            step(1)
+        flush()
+    if seen == 0:
+        raise CalibrationError("the calibration data yielded no samples")
+    empty = [n for n, o in observers.items() if o.count == 0]
+    if empty:
+        raise CalibrationError(
+            f"tensor {empty[0]!r} had no finite values in {seen} calibration samples"
+            + (f" (and {len(empty) - 1} more tensors)" if len(empty) > 1 else "")
+        )
+    logger.info("collected %s statistics of %d tensors over %d samples", observer, len(names), seen)
+    return observers

@@ -1,0 +1,526 @@
+"""Load packed onnxcomp artifacts with nothing but ONNX Runtime, numpy and the standard library.
+
+An artifact is a zip file holding ``manifest.json``, the model protobuf and, when the model has
+external data, that data file (tensors whose layout the manifest marks as sparse or nibble-packed are
+cut out of it and stored in a side member, then decoded here). :func:`load_session` decompresses
+everything in memory, checks the sha256 of every member and of the rebuilt data file, and hands the
+bytes to ONNX Runtime (``SessionOptions.add_external_initializers_from_files_in_memory``): nothing is
+written to disk. :func:`unpack` writes the plain ``.onnx`` (+ data file) back, atomically.
+
+Every member is checked before a byte is decompressed: names must be relative and stay inside the
+output folder, symlinks, folders, duplicate names and unknown members are refused, each member's size
+must agree with the manifest, and the total decompressed size must stay under a limit (zip bombs).
+
+This module must not import onnx or onnx-ir (``onnxcomp.errors`` and ``onnxcomp/__init__`` are
+stdlib-only), so deployment needs only ``pip install onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxcomp.errors import OnnxcompError
+
+__all__ = [
+    "DEFAULT_MAX_UNPACKED_BYTES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "ArtifactError",
+    "UnpackedArtifact",
+    "decode_region",
+    "is_artifact",
+    "load_session",
+    "read_artifact",
+    "read_manifest",
+    "unpack",
+]
+
+FORMAT_NAME = "onnxcomp-artifact"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+#: Refuse artifacts whose members (plus the rebuilt data file) decompress to more than this.
+DEFAULT_MAX_UNPACKED_BYTES = 16 << 30
+_MAX_MANIFEST_BYTES = 64 << 20
+_LAYOUTS = ("csr", "csc", "bitmask", "nibble", "bytes4", "shuffle")
+_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INDEX_DTYPES = ("<u1", "<u2", "<u4", "<u8", "<i4", "<i8")
+
+
+class ArtifactError(OnnxcompError):
+    """A packed artifact is malformed, unsafe, corrupt or needs a codec that is not installed."""
+
+
+@dataclass
+class UnpackedArtifact:
+    """An artifact decompressed in memory: its manifest, the model protobuf and its data files."""
+
+    manifest: dict[str, Any]
+    model_name: str
+    model_bytes: bytes
+    files: dict[str, bytes | bytearray]
+
+
+def _max_bytes(limit: int | None) -> int:
+    if limit is not None:
+        return int(limit)
+    env = os.environ.get("ONNXCOMP_MAX_UNPACKED_BYTES")
+    return int(env) if env else DEFAULT_MAX_UNPACKED_BYTES
+
+
+def check_member_name(name: str, where: str) -> None:
+    """Refuse names that are absolute, contain ``..``/``.``/empty parts, backslashes or NUL bytes."""
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(
+            f"{where}: a member has an empty or non-text name; the artifact is not trustworthy"
+        )
+    if "\x00" in name or "\\" in name:
+        raise ArtifactError(f"{where}: member name {name!r} contains a backslash or NUL byte; refusing it")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise ArtifactError(f"{where}: member name {name!r} is an absolute path; refusing it")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ArtifactError(
+            f"{where}: member name {name!r} would escape or confuse the output folder ('..', '.' or empty "
+            "path parts); refusing it"
+        )
+
+
+def is_artifact(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a zip file with an onnxcomp manifest."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return MANIFEST_NAME in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact file; check the path")
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"{path}: not a zip artifact ({exc}); re-create it with `onnxcomp pack`") from exc
+
+
+def _check_infos(zf: zipfile.ZipFile, where: str) -> dict[str, zipfile.ZipInfo]:
+    infos = zf.infolist()
+    dupes = [n for n, c in Counter(i.filename for i in infos).items() if c > 1]
+    if dupes:
+        raise ArtifactError(f"{where}: member {dupes[0]!r} appears more than once; refusing the artifact")
+    out: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        check_member_name(info.filename, where)
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise ArtifactError(f"{where}: member {info.filename!r} is a symbolic link; refusing it")
+        if info.is_dir():
+            raise ArtifactError(f"{where}: member {info.filename!r} is a folder; artifacts hold only files")
+        if info.flag_bits & 0x1:
+            raise ArtifactError(f"{where}: member {info.filename!r} is encrypted; refusing it")
+        out[info.filename] = info
+    return out
+
+
+def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(
+            f"{where}: {MANIFEST_NAME} is not valid JSON ({exc}); the artifact is corrupt"
+        ) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{where}: {MANIFEST_NAME} is not an onnxcomp manifest; re-create the artifact")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{where}: the manifest has no integer format_version; the artifact is corrupt")
+    if version != FORMAT_VERSION:
+        newer = " (made by a newer onnxcomp; upgrade onnxcomp)" if version > FORMAT_VERSION else ""
+        raise ArtifactError(
+            f"{where}: unknown artifact format version {version}; this onnxcomp reads version "
+            f"{FORMAT_VERSION}{newer}"
+        )
+    members = manifest.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise ArtifactError(f"{where}: the manifest has no member list; the artifact is corrupt")
+    for m in members:
+        check_member_name(m.get("name"), where)
+        size = m.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ArtifactError(f"{where}: member {m.get('name')!r} has no valid size in the manifest")
+        if not isinstance(m.get("sha256"), str) or len(m["sha256"]) != 64:
+            raise ArtifactError(f"{where}: member {m.get('name')!r} has no sha256 in the manifest")
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated manifest of an artifact (nothing else is decompressed)."""
+    p = Path(path)
+    with _open_zip(p) as zf:
+        infos = _check_infos(zf, str(p))
+        if MANIFEST_NAME not in infos:
+            raise ArtifactError(f"{p}: no {MANIFEST_NAME}; not an onnxcomp artifact")
+        if infos[MANIFEST_NAME].file_size > _MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{p}: {MANIFEST_NAME} is implausibly large; refusing the artifact")
+        try:
+            raw = zf.read(MANIFEST_NAME)
+        except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as exc:
+            raise ArtifactError(f"{p}: cannot read {MANIFEST_NAME} ({exc}); the artifact is corrupt") from exc
+        return _parse_manifest(raw, str(p))
+
+
+def _zstd_decompress(payload: bytes, size: int, where: str) -> bytes:
+    """Decompress one zstd frame, never producing more than ``size + 1`` bytes."""
+    try:
+        from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
+
+        try:
+            return zstd.ZstdDecompressor().decompress(payload, max_length=size + 1)
+        except zstd.ZstdError as exc:
+            raise ArtifactError(f"{where}: corrupt zstd data ({exc})") from exc
+    except ImportError:
+        pass
+    try:
+        import zstandard  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ArtifactError(
+            f"{where}: the artifact uses zstd; install it with `pip install zstandard` (or use Python 3.14+)"
+        ) from exc
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
+            return reader.read(size + 1)
+    except zstandard.ZstdError as exc:
+        raise ArtifactError(f"{where}: corrupt zstd data ({exc})") from exc
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, entry: dict[str, Any], where: str) -> bytes:
+    name = info.filename
+    encoding = entry.get("encoding", "zip")
+    try:
+        with zf.open(info) as fh:
+            data = fh.read(info.file_size + 1)
+    except NotImplementedError as exc:
+        raise ArtifactError(
+            f"{where}: member {name!r} uses a compression method this Python cannot read ({exc})"
+        ) from exc
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+        raise ArtifactError(f"{where}: member {name!r} is corrupt ({exc}); re-create the artifact") from exc
+    if len(data) != info.file_size:
+        raise ArtifactError(f"{where}: member {name!r} decompresses to a different size than its header says")
+    if encoding == "zstd":
+        data = _zstd_decompress(data, entry["size"], f"{where}: member {name!r}")
+    elif encoding != "zip":
+        raise ArtifactError(f"{where}: member {name!r} has unknown encoding {encoding!r}; upgrade onnxcomp")
+    if len(data) != entry["size"]:
+        raise ArtifactError(
+            f"{where}: member {name!r} is {len(data)} bytes, the manifest says {entry['size']}; refusing it"
+        )
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ArtifactError(f"{where}: member {name!r} fails its sha256 check; the artifact is corrupt")
+    return data
+
+
+def _int(region: dict[str, Any], key: str, where: str) -> int:
+    value = region.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ArtifactError(f"{where}: region field {key!r} is missing or not a non-negative integer")
+    return value
+
+
+def decode_region(
+    region: dict[str, Any], payload: bytes | memoryview, *, where: str = "artifact"
+) -> np.ndarray:
+    """Decode one stored region back to its dense bytes (uint8 array of ``region['length']`` bytes).
+
+    Layouts (words are ``itemsize``-byte little-endian values; zero means all bits zero):
+    ``csr``: indptr[rows+1] | column indices[nnz] | values[nnz] of the [rows, cols] word matrix;
+    ``csc``: the same for its transpose (indptr[cols+1], row indices);
+    ``bitmask``: packbits(word != 0) | values[nnz];
+    ``nibble``: two 4-bit codes per byte (low nibble first), sign-extended when ``signed``;
+    ``bytes4``: the 4-bit codes of an INT4/UINT4 tensor one per byte, packed back two per byte;
+    ``shuffle``: byte planes (all first bytes of the words, then all second bytes, ...).
+    """
+    layout = region.get("layout")
+    length = _int(region, "length", where)
+    if layout == "nibble":
+        count = _int(region, "count", where)
+        if count != length or len(payload) != (count + 1) // 2:
+            raise ArtifactError(f"{where}: nibble region sizes disagree; the artifact is corrupt")
+        packed = np.frombuffer(payload, dtype=np.uint8)
+        out = np.empty(2 * packed.size, dtype=np.uint8)
+        out[0::2] = packed & 0x0F
+        out[1::2] = packed >> 4
+        out = out[:count]
+        if region.get("signed", True):
+            out = np.where(out >= 8, out.astype(np.int16) - 16, out).astype(np.int8).view(np.uint8)
+        return out
+    if layout == "shuffle":
+        itemsize = _int(region, "itemsize", where)
+        if itemsize < 1 or len(payload) != length or length % itemsize:
+            raise ArtifactError(f"{where}: shuffle region sizes disagree; the artifact is corrupt")
+        planes = np.frombuffer(payload, dtype=np.uint8).reshape(itemsize, -1)
+        return np.ascontiguousarray(planes.T).reshape(-1)
+    if layout == "bytes4":
+        count = _int(region, "count", where)
+        codes = np.frombuffer(payload, dtype=np.uint8)
+        if codes.size != count or length != (count + 1) // 2 or (count and codes.max() > 15):
+            raise ArtifactError(f"{where}: bytes4 region sizes disagree; the artifact is corrupt")
+        padded = np.zeros(2 * length, dtype=np.uint8)
+        padded[:count] = codes
+        return padded[0::2] | (padded[1::2] << 4)
+    if layout not in ("csr", "csc", "bitmask"):
+        raise ArtifactError(f"{where}: unknown region layout {layout!r}; upgrade onnxcomp")
+    itemsize = _int(region, "itemsize", where)
+    rows, cols, nnz = (_int(region, k, where) for k in ("rows", "cols", "nnz"))
+    if itemsize not in _WORD or rows * cols * itemsize != length or nnz > rows * cols:
+        raise ArtifactError(f"{where}: sparse region sizes disagree; the artifact is corrupt")
+    word = np.dtype(_WORD[itemsize]).newbyteorder("<")
+    dense = np.zeros(rows * cols, dtype=word)
+    buf = memoryview(payload)
+    try:
+        if layout == "bitmask":
+            mask_bytes = (rows * cols + 7) // 8
+            mask = np.unpackbits(np.frombuffer(buf[:mask_bytes], dtype=np.uint8), count=rows * cols).astype(
+                bool
+            )
+            values = np.frombuffer(buf[mask_bytes:], dtype=word)
+            if int(mask.sum()) != nnz or values.size != nnz:
+                raise ArtifactError(f"{where}: bitmask region counts disagree; the artifact is corrupt")
+            dense[mask] = values
+        else:
+            ptr_dt, idx_dt = region.get("indptr_dtype"), region.get("index_dtype")
+            if ptr_dt not in _INDEX_DTYPES or idx_dt not in _INDEX_DTYPES:
+                raise ArtifactError(f"{where}: sparse region has unknown index types; upgrade onnxcomp")
+            outer, inner = (rows, cols) if layout == "csr" else (cols, rows)
+            ptr_n = (outer + 1) * np.dtype(ptr_dt).itemsize
+            idx_n = nnz * np.dtype(idx_dt).itemsize
+            indptr = np.frombuffer(buf[:ptr_n], dtype=ptr_dt).astype(np.int64)
+            indices = np.frombuffer(buf[ptr_n : ptr_n + idx_n], dtype=idx_dt).astype(np.int64)
+            values = np.frombuffer(buf[ptr_n + idx_n :], dtype=word)
+            if (
+                indptr.size != outer + 1
+                or indices.size != nnz
+                or values.size != nnz
+                or indptr[0] != 0
+                or indptr[-1] != nnz
+                or np.any(np.diff(indptr) < 0)
+                or (nnz and (indices.min() < 0 or indices.max() >= inner))
+            ):
+                raise ArtifactError(
+                    f"{where}: sparse region indices are inconsistent; the artifact is corrupt"
+                )
+            major = np.repeat(np.arange(outer, dtype=np.int64), np.diff(indptr))
+            flat = major * cols + indices if layout == "csr" else indices * cols + major
+            dense[flat] = values
+    except ValueError as exc:
+        raise ArtifactError(f"{where}: sparse region is truncated ({exc}); the artifact is corrupt") from exc
+    return dense.view(np.uint8)
+
+
+def _rebuild_data(
+    spec: dict[str, Any], blobs: dict[str, bytes], digests: dict[str, str], where: str
+) -> tuple[str, bytes | bytearray]:
+    """Rebuild the external data file: dense member bytes fill the gaps between decoded regions.
+
+    ``digests`` are the already verified sha256 of the members (a data file equal to one member is not
+    hashed twice)."""
+    file_name = spec.get("file")
+    check_member_name(file_name, where)
+    size = _int(spec, "size", where)
+    dense_member = spec.get("dense_member")
+    dense = blobs.get(dense_member, b"") if dense_member else b""
+    regions = spec.get("regions") or []
+    if not isinstance(regions, list):
+        raise ArtifactError(f"{where}: external_data.regions must be a list; the artifact is corrupt")
+    if not regions:
+        if len(dense) != size:
+            raise ArtifactError(f"{where}: the data member is {len(dense)} bytes, the manifest says {size}")
+        out: bytes | bytearray = dense
+    else:
+        buf = bytearray(size)
+        view = np.frombuffer(buf, dtype=np.uint8)
+        pos = 0  # position in the data file
+        dpos = 0  # position in the dense member
+        for region in sorted(regions, key=lambda r: r.get("offset", -1)):
+            offset = _int(region, "offset", where)
+            length = _int(region, "length", where)
+            if offset < pos or offset + length > size:
+                raise ArtifactError(
+                    f"{where}: data regions overlap or run past the file; the artifact is corrupt"
+                )
+            gap = offset - pos
+            view[pos:offset] = np.frombuffer(dense, dtype=np.uint8, count=gap, offset=dpos) if gap else 0
+            dpos += gap
+            member = blobs.get(region.get("member", ""))
+            start, nbytes = _int(region, "start", where), _int(region, "nbytes", where)
+            if member is None or start + nbytes > len(member):
+                raise ArtifactError(
+                    f"{where}: a data region points outside its member; the artifact is corrupt"
+                )
+            decoded = decode_region(region, memoryview(member)[start : start + nbytes], where=where)
+            if decoded.size != length:
+                raise ArtifactError(f"{where}: a decoded region has the wrong size; the artifact is corrupt")
+            view[offset : offset + length] = decoded
+            pos = offset + length
+        tail = size - pos
+        if dpos + tail != len(dense):
+            raise ArtifactError(f"{where}: the dense data member has the wrong size; the artifact is corrupt")
+        if tail:
+            view[pos:] = np.frombuffer(dense, dtype=np.uint8, count=tail, offset=dpos)
+        out = buf
+    digest = spec.get("sha256")
+    if regions or digests.get(dense_member or "") != digest:
+        verified = hashlib.sha256(out).hexdigest() == digest
+    else:
+        verified = True  # the file is the dense member, whose sha256 was just checked
+    if not verified:
+        raise ArtifactError(f"{where}: the rebuilt data file {file_name!r} fails its sha256 check")
+    return file_name, out
+
+
+def read_artifact(path: str | os.PathLike[str], *, max_unpacked_bytes: int | None = None) -> UnpackedArtifact:
+    """Decompress and verify an artifact in memory (sizes, names, sha256 of every member)."""
+    p = Path(path)
+    limit = _max_bytes(max_unpacked_bytes)
+    where = str(p)
+    manifest = read_manifest(p)
+    with _open_zip(p) as zf:
+        infos = _check_infos(zf, where)
+        entries = {m["name"]: m for m in manifest["members"]}
+        if len(entries) != len(manifest["members"]):
+            raise ArtifactError(f"{where}: the manifest lists a member twice; refusing the artifact")
+        stored = set(infos) - {MANIFEST_NAME}
+        if stored != set(entries):
+            extra = sorted(stored - set(entries))
+            missing = sorted(set(entries) - stored)
+            what = f"unlisted member {extra[0]!r}" if extra else f"missing member {missing[0]!r}"
+            raise ArtifactError(f"{where}: {what}; the zip does not match its manifest, refusing it")
+        ext = manifest.get("external_data")
+        total = sum(m["size"] for m in entries.values())
+        if ext is not None:
+            if not isinstance(ext, dict):
+                raise ArtifactError(f"{where}: external_data must be a table; the artifact is corrupt")
+            total += _int(ext, "size", where)
+        if total > limit:
+            raise ArtifactError(
+                f"{where}: the artifact would decompress to {total} bytes, above the limit of {limit} "
+                "(pass max_unpacked_bytes= or set ONNXCOMP_MAX_UNPACKED_BYTES to allow it)"
+            )
+        for name, entry in entries.items():
+            info = infos[name]
+            zstd = entry.get("encoding", "zip") == "zstd"
+            expected = entry.get("stored_size") if zstd else entry["size"]
+            if info.file_size != expected:
+                raise ArtifactError(
+                    f"{where}: member {name!r} is {info.file_size} bytes in the zip, the manifest says "
+                    f"{expected}; refusing it"
+                )
+        blobs = {name: _read_member(zf, infos[name], entry, where) for name, entry in entries.items()}
+    model_name = manifest.get("model")
+    if model_name not in blobs:
+        raise ArtifactError(f"{where}: the manifest names no model member; the artifact is corrupt")
+    files: dict[str, bytes | bytearray] = {}
+    if ext is not None:
+        file_name, data = _rebuild_data(ext, blobs, {n: e["sha256"] for n, e in entries.items()}, where)
+        files[file_name] = data
+    return UnpackedArtifact(manifest, model_name, blobs[model_name], files)
+
+
+def _session_options(sess_options: ort.SessionOptions | None, options: dict[str, Any]) -> ort.SessionOptions:
+    so = sess_options or ort.SessionOptions()
+    for key, value in options.items():
+        if key.startswith("_") or not hasattr(so, key):
+            valid = ", ".join(a for a in dir(so) if not a.startswith("_") and not callable(getattr(so, a)))
+            raise ArtifactError(f"load_session: unknown session option {key!r}; valid options are: {valid}")
+        setattr(so, key, value)
+    return so
+
+
+def load_session(
+    path: str | os.PathLike[str],
+    *,
+    sess_options: ort.SessionOptions | None = None,
+    providers: list[Any] | None = None,
+    max_unpacked_bytes: int | None = None,
+    **session_options: Any,
+) -> ort.InferenceSession:
+    """An ``onnxruntime.InferenceSession`` on a packed artifact or a plain ``.onnx`` file.
+
+    Artifacts are decompressed and verified in memory; their external data goes to ONNX Runtime with
+    ``add_external_initializers_from_files_in_memory``. Extra keyword arguments are set as attributes
+    of the ``SessionOptions`` (e.g. ``intra_op_num_threads=1``).
+    """
+    p = Path(path)
+    so = _session_options(sess_options, session_options)
+    provs = providers or ["CPUExecutionProvider"]
+    if not p.is_file():
+        raise ArtifactError(f"{p}: no such model or artifact file; check the path")
+    if p.suffix.lower() == ".onnx" or not zipfile.is_zipfile(p):
+        return ort.InferenceSession(str(p), sess_options=so, providers=provs)
+    art = read_artifact(p, max_unpacked_bytes=max_unpacked_bytes)
+    buffers = [np.frombuffer(data, dtype=np.uint8) for data in art.files.values()]
+    if art.files:
+        so.add_external_initializers_from_files_in_memory(
+            list(art.files), buffers, [int(b.size) for b in buffers]
+        )
+    # external data the artifact does not provide must not be read from the working folder:
+    # point ONNX Runtime at an empty folder (it refuses absolute and escaping paths itself)
+    empty = tempfile.mkdtemp(prefix="onnxcomp-nodata-")
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+    try:
+        return ort.InferenceSession(art.model_bytes, sess_options=so, providers=provs)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise ArtifactError(f"{p}: ONNX Runtime cannot load the packed model ({exc})") from exc
+    finally:
+        os.rmdir(empty)
+
+
+def unpack(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_unpacked_bytes: int | None = None,
+) -> Path:
+    """Write the plain model (and its data file) of an artifact into ``out_dir``; returns the model path.
+
+    Files are written into a temporary folder beside ``out_dir`` and renamed into place only when all
+    of them are complete; ``out_dir`` must not exist yet or be an empty folder.
+    """
+    art = read_artifact(path, max_unpacked_bytes=max_unpacked_bytes)
+    dest = Path(out_dir)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ArtifactError(f"{dest}: already exists and is not an empty folder; choose another -o folder")
+    parent = dest.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.onnxcomp-"))
+    try:
+        for name, data in [(art.model_name, art.model_bytes), *art.files.items()]:
+            target = (tmp / name).resolve()
+            if tmp.resolve() not in target.parents:
+                raise ArtifactError(f"{path}: member {name!r} would be written outside {dest}; refusing it")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb") as fh:
+                fh.write(data)
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest / art.model_name

@@ -1,0 +1,851 @@
+"""Unstructured weight pruning (``prune``): α·σ thresholds, sparsity targets, Wanda, N:M, refit,
+and the seed-003 prune-then-quantize encoding.
+
+Per selected layer ``k`` (weights of MatMul/Gemm/Conv/ConvTranspose stored as initializers):
+
+* ``method="alpha-sigma"``: ``β_k = α·σ_k``, zero ``|w| < β_k`` (seed 003, eq. 1–2).
+* ``method="magnitude"``: zero the ``round(s·n_k)`` smallest ``|w|`` of each layer (``scope="layer"``),
+  or use one threshold over RMS-normalised magnitudes of all layers (``scope="global"``), no layer
+  pruned beyond ``max_layer_sparsity``.
+* ``method="wanda"``: score ``|W_ij|·‖X_j‖₂`` from calibration activations, compared per output row.
+* ``method="sparsegpt"``: SparseGPT mask selection with optimal-brain-surgeon updates of the
+  remaining weights (calibration Gram matrix ``H = Σxxᵀ``).
+* ``nm="2:4"``: N:M pattern along input channels (TensorRT sparse kernels on Ampere and newer GPUs;
+  Jetson TX2 and other pre-Ampere devices run it as dense and gain nothing but Deflate size).
+* ``reconstruct=true``: least-squares refit of the surviving weights to the original layer outputs
+  on calibration data (see ``prune_numerics.reconstruct``).
+* ``quantize="seed003"``: store integer codes ``c`` of ``Q(P(W, β), q'_k)`` and decode in the graph with
+  constant ops ``w = c·q' + sign(c)·β`` (ONNX Runtime folds them at session load);
+  ``quantize="affine"``: plain symmetric codes ``w = c·q`` at the same bits for comparison.
+
+The pruned model stays dense (zeros compress under Deflate); nothing is masked at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnxcomp.passes import prune_numerics as pn
+
+from onnxcomp.errors import CalibrationError
+from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+
+__all__ = ["Layer", "PruneConfig", "PrunePass", "find_layers", "stream_layer_inputs"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Options of the ``prune`` pass (see the module docstring for the math)."""
+
+    method: Literal["magnitude", "alpha-sigma", "wanda", "sparsegpt"] = "magnitude"
+    #: fraction of weights removed (``magnitude``/``wanda``)
+    sparsity: float = 0.5
+    #: aggressiveness α of ``β = α·σ`` (``alpha-sigma``)
+    alpha: float = 0.5
+    scope: Literal["layer", "global"] = "layer"
+    max_layer_sparsity: float = 0.98
+    #: semi-structured pattern such as "2:4" ("" = unstructured)
+    nm: str = ""
+    reconstruct: bool = False
+    #: refit layer by layer on the inputs of the already-pruned model (targets stay the original outputs)
+    sequential: bool = True
+    #: let the refit also correct the layer's bias (own bias input, a following per-channel Add, or a new one)
+    refit_bias: bool = True
+    damping: float = 0.01
+    calibration_samples: int = 128
+    op_types: tuple[str, ...] = _WEIGHT_OPS
+    min_size: int = 64
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip_first: bool = False
+    skip_last: bool = False
+    quantize: Literal["none", "seed003", "affine"] = "none"
+    bits: int = 8
+    rounding: Literal["ceil", "nearest"] = "ceil"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError("sparsity must be in [0, 1)")
+        if self.alpha < 0:
+            raise ValueError("alpha must be >= 0")
+        if not 0.0 < self.max_layer_sparsity <= 1.0:
+            raise ValueError("max_layer_sparsity must be in (0, 1]")
+        if self.damping < 0:
+            raise ValueError("damping must be >= 0")
+        if self.calibration_samples < 1:
+            raise ValueError("calibration_samples must be >= 1")
+        if self.min_size < 0:
+            raise ValueError("min_size must be >= 0")
+        if self.nm:
+            self.nm_pair()
+            if self.method == "alpha-sigma":
+                raise ValueError("nm needs method 'magnitude' or 'wanda', not 'alpha-sigma'")
+        if self.quantize != "none" and not 2 <= self.bits <= 32:
+            raise ValueError("bits must be in 2..32")
+        bad = sorted(set(self.op_types) - set(_WEIGHT_OPS))
+        if bad:
+            raise ValueError(f"op_types: {bad[0]!r} is not one of {', '.join(_WEIGHT_OPS)}")
+
+    def nm_pair(self) -> tuple[int, int]:
+        try:
+            n_s, m_s = self.nm.split(":")
+            n, m = int(n_s), int(m_s)
+        except ValueError:
+            raise ValueError(f"nm must look like '2:4'; got {self.nm!r}") from None
+        if not 0 < n < m:
+            raise ValueError(f"nm needs 0 < N < M; got {self.nm!r}")
+        return n, m
+
+    @property
+    def data_aware(self) -> bool:
+        return self.method in ("wanda", "sparsegpt") or self.reconstruct
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.method == "sparsegpt" or self.reconstruct
+
+
+@dataclass
+class Layer:
+    """A prunable weight: its node, the initializer value, and how to view it as ``[out, cols]``."""
+
+    node: ir.Node
+    weight: ir.Value
+    op: str
+    groups: int = 1
+    trans_a: bool = False
+    trans_b: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.weight.name or "?"
+
+    @property
+    def activation(self) -> str:
+        value = self.node.inputs[0]
+        return value.name if value is not None else ""
+
+    def array(self) -> np.ndarray:
+        assert self.weight.const_value is not None
+        return self.weight.const_value.numpy()
+
+    # matrix view [out, cols]: every column is one input feature of the layer
+    def to_matrix(self, w: np.ndarray) -> np.ndarray:
+        if self.op == "MatMul":
+            return w.T
+        if self.op == "Gemm":
+            return w if self.trans_b else w.T
+        if self.op == "Conv":
+            return w.reshape(w.shape[0], -1)
+        return np.moveaxis(w, 0, -1).reshape(-1, w.shape[0])  # ConvTranspose: cols = input channels
+
+    def from_matrix(self, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.op == "MatMul":
+            return m.T
+        if self.op == "Gemm":
+            return m if self.trans_b else m.T
+        if self.op == "Conv":
+            return m.reshape(shape)
+        moved = (*shape[1:], shape[0])
+        return np.moveaxis(m.reshape(moved), -1, 0)
+
+    # N:M view: the input-channel axis last
+    def to_nm(self, w: np.ndarray) -> np.ndarray:
+        return np.moveaxis(w, 1, -1) if self.op == "Conv" else self.to_matrix(w)
+
+    def from_nm(self, v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.moveaxis(v, -1, 1) if self.op == "Conv" else self.from_matrix(v, shape)
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return int(attr.value) if attr is not None else default
+
+
+def _attr_ints(node: ir.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
+    attr = node.attributes.get(name)
+    return tuple(int(v) for v in attr.value) if attr is not None else tuple(default)
+
+
+def _matches(patterns: Sequence[str], *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
+
+
+def find_layers(
+    model: ir.Model,
+    *,
+    op_types: Sequence[str] = _WEIGHT_OPS,
+    min_size: int = 0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    skip_first: bool = False,
+    skip_last: bool = False,
+) -> tuple[list[Layer], list[dict[str, str]]]:
+    """Prunable layers of the main graph in topological order, and ``[{"layer", "reason"}]`` skipped."""
+    layers: list[Layer] = []
+    skipped: list[dict[str, str]] = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_OPS:
+            continue
+        label = node.name or node.op_type
+        if node.op_type not in op_types:
+            continue
+        if len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        weight = node.inputs[1]
+        if include and not _matches(include, node.name or "", weight.name or ""):
+            continue
+        if _matches(exclude, node.name or "", weight.name or ""):
+            skipped.append({"layer": label, "reason": "excluded by name"})
+            continue
+        if weight.const_value is None or not weight.is_initializer():
+            reason = (
+                "weight is computed at run time"
+                if weight.producer() is not None
+                else "weight is not an initializer"
+            )
+            if weight.producer() is not None and weight.producer().op_type == "Constant":
+                reason = "weight is a Constant node (run the cleanup pass first)"
+            if node.op_type != "MatMul" or node.inputs[0] is None or node.inputs[0].const_value is None:
+                skipped.append({"layer": label, "reason": reason})
+            continue
+        if weight.const_value.dtype not in _FLOAT_TYPES:
+            skipped.append(
+                {"layer": label, "reason": f"weight dtype {weight.const_value.dtype.name} is not float"}
+            )
+            continue
+        uses = list(weight.uses())
+        if len(uses) != 1:
+            skipped.append({"layer": label, "reason": f"weight shared by {len(uses)} uses"})
+            continue
+        shape = tuple(weight.const_value.shape.numpy())
+        size = int(np.prod(shape)) if shape else 1
+        if size < min_size:
+            skipped.append({"layer": label, "reason": f"{size} weights < min_size {min_size}"})
+            continue
+        layer = Layer(node=node, weight=weight, op=node.op_type)
+        if node.op_type == "MatMul":
+            if len(shape) != 2:
+                skipped.append({"layer": label, "reason": f"MatMul weight of rank {len(shape)} (only 2-D)"})
+                continue
+        elif node.op_type == "Gemm":
+            layer.trans_a = bool(_attr_int(node, "transA", 0))
+            layer.trans_b = bool(_attr_int(node, "transB", 0))
+        else:
+            if len(shape) < 3:
+                skipped.append({"layer": label, "reason": f"{node.op_type} weight of rank {len(shape)}"})
+                continue
+            layer.groups = _attr_int(node, "group", 1)
+        layers.append(layer)
+    if skip_first and layers:
+        skipped.append({"layer": layers[0].name, "reason": "skip_first"})
+        layers = layers[1:]
+    if skip_last and layers:
+        skipped.append({"layer": layers[-1].name, "reason": "skip_last"})
+        layers = layers[:-1]
+    return layers, skipped
+
+
+def fold_weight_reshapes(model: ir.Model, op_types: Sequence[str] = _WEIGHT_OPS) -> list[str]:
+    """Fold ``Reshape``/``Transpose`` of an initializer feeding a weight input into a new initializer
+    (e.g. the mnist ``Reshape(Parameter193, [256, 10]) → MatMul``). Returns the folded weight names."""
+    folded: list[str] = []
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type not in op_types or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        value = node.inputs[1]
+        producer = value.producer()
+        if (
+            producer is None
+            or producer.op_type not in ("Reshape", "Transpose")
+            or producer.domain not in ("", "ai.onnx")
+        ):
+            continue
+        data = producer.inputs[0]
+        if data is None or data.const_value is None or (data.is_graph_input() and not data.is_initializer()):
+            continue
+        arr = data.const_value.numpy()
+        if producer.op_type == "Reshape":
+            if len(producer.inputs) < 2:  # opset < 5: shape attribute
+                shape_attr = producer.attributes.get("shape")
+                if shape_attr is None:
+                    continue
+                shape = np.array(shape_attr.value, dtype=np.int64)
+            else:
+                shape_v = producer.inputs[1]
+                if shape_v is None or shape_v.const_value is None:
+                    continue
+                shape = shape_v.const_value.numpy().astype(np.int64)
+            dims = [arr.shape[k] if d == 0 and k < arr.ndim else int(d) for k, d in enumerate(shape)]
+            new = arr.reshape(dims)
+        else:
+            perm = producer.attributes.get("perm")
+            new = np.transpose(arr, tuple(perm.value) if perm is not None else None)
+        if len(list(value.uses())) != 1 or value.is_graph_output():
+            continue
+        folded_value = _new_value(graph, f"{data.name or value.name}_folded", np.ascontiguousarray(new))
+        node.replace_input_with(1, folded_value)
+        if not list(value.uses()):
+            graph.remove(producer, safe=True)
+            if not list(data.uses()) and data.name in graph.initializers:
+                if data.is_graph_input():  # IR < 4: initializers listed as inputs
+                    graph.inputs.remove(data)
+                del graph.initializers[data.name]
+        folded.append(folded_value.name or "")
+    return folded
+
+
+def stream_layer_inputs(
+    model: ir.Model, names: Sequence[str], samples: Iterable[Mapping[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Values of the named tensors per sample (``onnxcomp.calibration.collect.stream_tensors``)."""
+    try:
+        from onnxcomp.calibration.collect import stream_tensors
+    except ImportError:  # pragma: no cover - calibration package missing
+        stream_tensors = None
+    if stream_tensors is not None:
+        yield from stream_tensors(model, names, samples)
+        return
+    from onnxcomp.ort_session import session_from_model, session_options
+
+    graph_inputs = {v.name for v in model.graph.inputs}
+    run = [n for n in names if n not in graph_inputs]
+    session = session_from_model(
+        model, extra_outputs=run, only_extra_outputs=True, options=session_options(optimization="basic")
+    )
+    feedable = {i.name for i in session.get_inputs()}
+    for sample in samples:
+        values = session.run(run, {k: v for k, v in sample.items() if k in feedable}) if run else []
+        out = dict(zip(run, values, strict=True))
+        out.update({n: np.asarray(sample[n]) for n in names if n in graph_inputs})
+        yield out
+
+
+def _conv_geometry(layer: Layer, x: np.ndarray, kernel: tuple[int, ...]) -> dict[str, Any]:
+    node = layer.node
+    nd = len(kernel)
+    strides = _attr_ints(node, "strides", [1] * nd)
+    dilations = _attr_ints(node, "dilations", [1] * nd)
+    pads = _attr_ints(node, "pads", [0] * (2 * nd))
+    auto_pad = node.attributes.get("auto_pad")
+    mode = auto_pad.value if auto_pad is not None else "NOTSET"
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        pads_l, pads_r = [], []
+        for i in range(nd):
+            size = x.shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads_l.append(small if mode == "SAME_UPPER" else big)
+            pads_r.append(big if mode == "SAME_UPPER" else small)
+        pads = (*pads_l, *pads_r)
+    elif mode == "VALID":
+        pads = (0,) * (2 * nd)
+    return {"strides": strides, "dilations": dilations, "pads": pads, "groups": layer.groups}
+
+
+def _single_blas() -> contextlib.AbstractContextManager[Any]:
+    """One BLAS thread while accumulating many small Gram products (multi-threaded OpenBLAS spends
+    more time synchronising than computing on them); a no-op without ``threadpoolctl``."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _columns(layer: Layer, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The layer's input as columns ``[G, rows, cols]`` (im2col for Conv) in float64."""
+    x = np.asarray(x, dtype=np.float32)
+    if layer.op == "Conv":
+        geo = _conv_geometry(layer, x, shape[2:])
+        cols = pn.conv_im2col(x, shape[2:], **geo)
+    elif layer.op == "ConvTranspose":
+        cols = np.moveaxis(x, 1, -1).reshape(1, -1, x.shape[1])
+    else:
+        if layer.op == "Gemm" and layer.trans_a:
+            x = x.T
+        cols = x.reshape(1, -1, x.shape[-1])
+    return cols.astype(np.float64)
+
+
+def _accumulate(
+    layer: Layer, x: np.ndarray, shape: tuple[int, ...], need_gram: bool, x_ref: np.ndarray | None = None
+) -> None:
+    """Add one sample's input to the layer's statistics per group: ``colsq = Σx²``, ``gram = Σxxᵀ``
+    and, when ``x_ref`` (the original model's input) is given, ``cross = Σ x x_refᵀ``."""
+    cols = _columns(layer, x, shape)
+    sq = (cols * cols).sum(axis=1)
+    layer.stats["colsq"] = layer.stats.get("colsq", 0.0) + sq
+    if need_gram:
+        gram = np.matmul(cols.transpose(0, 2, 1), cols)
+        layer.stats["gram"] = layer.stats.get("gram", 0.0) + gram
+        ref = cols if x_ref is None else _columns(layer, x_ref, shape)
+        if x_ref is not None:
+            layer.stats["cross"] = layer.stats.get("cross", 0.0) + np.matmul(cols.transpose(0, 2, 1), ref)
+        layer.stats["colsum"] = layer.stats.get("colsum", 0.0) + cols.sum(axis=1)
+        layer.stats["refsum"] = layer.stats.get("refsum", 0.0) + ref.sum(axis=1)
+        layer.stats["rows"] = layer.stats.get("rows", 0) + cols.shape[1]
+
+
+def _limited(ctx: PassContext, count: int) -> Iterator[Mapping[str, np.ndarray]]:
+    for i, sample in enumerate(ctx.calibration_samples()):
+        if i >= count:
+            return
+        yield sample
+
+
+def _collect_pair(model: ir.Model, reference: Any, layer: Layer, ctx: PassContext, cfg: PruneConfig) -> None:
+    """Statistics of one layer's input in the current (partly pruned) model against ``reference``
+    (an ORT session of the original model exposing every layer input)."""
+    layer.stats.clear()
+    name = layer.activation
+    shape = tuple(layer.array().shape)
+    feedable = {i.name for i in reference.get_inputs()}
+    graph_inputs = {v.name for v in model.graph.inputs}
+    current = stream_layer_inputs(model, [name], _limited(ctx, cfg.calibration_samples))
+    for sample, values in zip(_limited(ctx, cfg.calibration_samples), current, strict=False):
+        if name in graph_inputs:
+            ref = np.asarray(sample[name])
+        else:
+            ref = reference.run([name], {k: v for k, v in sample.items() if k in feedable})[0]
+        _accumulate(layer, values[name], shape, True, ref)
+
+
+def _collect(model: ir.Model, layers: list[Layer], ctx: PassContext, cfg: PruneConfig) -> int:
+    if ctx.calibration is None:
+        raise CalibrationError(
+            f"prune: method {cfg.method!r}{' with reconstruct' if cfg.reconstruct else ''} needs calibration data; "
+            "give a [calibration] table or use method 'magnitude'/'alpha-sigma'"
+        )
+    names = list(dict.fromkeys(layer.activation for layer in layers))
+    by_act: dict[str, list[Layer]] = {}
+    for layer in layers:
+        by_act.setdefault(layer.activation, []).append(layer)
+    shapes = {id(layer): tuple(layer.array().shape) for layer in layers}
+
+    count = 0
+    with ctx.progress.task("prune: calibration activations", total=cfg.calibration_samples) as step:
+        for values in stream_layer_inputs(model, names, _limited(ctx, cfg.calibration_samples)):
+            for name, group in by_act.items():
+                for layer in group:
+                    need_gram = cfg.needs_gram and not cfg.sequential and layer.op != "ConvTranspose"
+                    _accumulate(layer, values[name], shapes[id(layer)], need_gram)
+            count += 1
+            step(1)
+    if count == 0:
+        raise CalibrationError("prune: the calibration source gave no samples")
+    return count
+
+
+def _scores(layer: Layer, w: np.ndarray, cfg: PruneConfig) -> np.ndarray:
+    """Importance per weight, in the weight's own shape."""
+    if cfg.method not in ("wanda", "sparsegpt") or "colsq" not in layer.stats:
+        return np.abs(w)
+    colsq = np.asarray(layer.stats["colsq"])  # [G, cols]
+    m = layer.to_matrix(w)
+    if layer.op == "Conv" and layer.groups > 1:
+        rows_per_group = m.shape[0] // layer.groups
+        norms = np.repeat(np.sqrt(colsq), rows_per_group, axis=0)  # [out, cols]
+        return layer.from_matrix(np.abs(m) * norms, w.shape)
+    return layer.from_matrix(pn.wanda_scores(m, np.sqrt(colsq[0])), w.shape)
+
+
+def _refit(
+    layer: Layer, w: np.ndarray, keep: np.ndarray, damping: float, *, intercept: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares refit per group; with ``intercept`` a constant input column is added so the
+    refit also returns a bias correction ``δ`` per output (``[X̃ 1][w'; δ] ≈ X w``)."""
+    m = layer.to_matrix(w.astype(np.float64))
+    k = layer.to_matrix(keep)
+    gram = np.asarray(layer.stats["gram"])
+    cross = layer.stats.get("cross")
+    cross = gram if cross is None else np.asarray(cross)
+    groups = layer.groups if layer.op == "Conv" else 1
+    rows = m.shape[0] // groups
+    out = np.empty_like(m)
+    delta = np.zeros(m.shape[0]) if intercept else None
+    for g in range(groups):
+        sl = slice(g * rows, (g + 1) * rows)
+        h, c, mg, kg = gram[g], cross[g], m[sl], k[sl]
+        if intercept:
+            n = float(layer.stats["rows"])
+            s_cur, s_ref = layer.stats["colsum"][g], layer.stats["refsum"][g]
+            h = np.block([[h, s_cur[:, None]], [s_cur[None, :], np.array([[n]])]])
+            c = np.block([[c, s_cur[:, None]], [s_ref[None, :], np.array([[n]])]])
+            mg = np.hstack([mg, np.zeros((mg.shape[0], 1))])
+            kg = np.hstack([kg, np.ones((kg.shape[0], 1), dtype=bool)])
+        res = pn.reconstruct(mg, kg, h, cross=c, damping=damping)
+        if intercept:
+            assert delta is not None
+            delta[sl] = res[:, -1]
+            res = res[:, :-1]
+        out[sl] = res
+    return layer.from_matrix(out, w.shape), delta
+
+
+def _bias_slot(layer: Layer) -> tuple[str, ir.Value | None]:
+    """Where a per-output bias correction can go: the node's own bias input, a following ``Add`` of a
+    per-channel constant (mnist style), or a new bias input (``Conv``/``Gemm``); ``("", None)`` if none."""
+    out_ch = layer.to_matrix(layer.array()).shape[0] if layer.op != "ConvTranspose" else 0
+    node = layer.node
+    if layer.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = node.inputs[2]
+        if b.const_value is not None and b.is_initializer() and len(list(b.uses())) == 1:
+            arr = b.const_value.numpy()
+            if arr.size == out_ch and (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[0] == 1)):
+                return "input", b
+        return "", None
+    users = list(node.outputs[0].uses())
+    if len(users) == 1 and not node.outputs[0].is_graph_output():
+        user = users[0].node if hasattr(users[0], "node") else users[0][0]
+        if user.op_type == "Add" and len(user.inputs) == 2:
+            other = user.inputs[1] if user.inputs[0] is node.outputs[0] else user.inputs[0]
+            if (
+                other is not None
+                and other.const_value is not None
+                and other.is_initializer()
+                and len(list(other.uses())) == 1
+            ):
+                arr = other.const_value.numpy()
+                if arr.size == out_ch and arr.dtype.kind == "f":
+                    channel_dims = [d for d in arr.shape if d != 1]
+                    last_ok = layer.op in ("MatMul", "Gemm") and arr.shape[-1] == out_ch
+                    conv_ok = (
+                        layer.op == "Conv"
+                        and arr.ndim >= len(layer.array().shape) - 1
+                        and arr.shape[arr.ndim - (len(layer.array().shape) - 1)] == out_ch
+                    )
+                    if channel_dims == [out_ch] and (last_ok or conv_ok):
+                        return "add", other
+    if layer.op in ("Conv", "Gemm") and (len(node.inputs) < 3 or node.inputs[2] is None):
+        return "new", None
+    return "", None
+
+
+def _apply_bias(model: ir.Model, layer: Layer, kind: str, value: ir.Value | None, delta: np.ndarray) -> None:
+    if kind in ("input", "add"):
+        assert value is not None and value.const_value is not None
+        arr = value.const_value.numpy()
+        new = (arr.astype(np.float64) + delta.reshape(arr.shape)).astype(arr.dtype)
+        value.const_value = ir.tensor(new, name=value.name)
+    elif kind == "new":
+        dtype = layer.array().dtype
+        bias = _new_value(model.graph, f"{layer.weight.name or layer.name}_bias", delta.astype(dtype))
+        node = layer.node
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, bias)
+
+
+def _sparsegpt(
+    layer: Layer, w: np.ndarray, sparsity: float, nm: tuple[int, int] | None, damping: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """SparseGPT on the layer's matrix view (per group); for N:M on Conv, columns are reordered so
+    that consecutive columns are consecutive input channels."""
+    m = layer.to_matrix(w.astype(np.float64))
+    gram = np.asarray(layer.stats["gram"])
+    groups = layer.groups if layer.op == "Conv" else 1
+    rows = m.shape[0] // groups
+    perm = np.arange(m.shape[1])
+    if nm is not None and layer.op == "Conv":
+        cg, kk = w.shape[1], int(np.prod(w.shape[2:]))
+        perm = np.arange(cg * kk).reshape(cg, kk).T.reshape(-1)  # column order (k, c)
+    inv = np.argsort(perm)
+    new = np.empty_like(m)
+    keep = np.empty(m.shape, dtype=bool)
+    for g in range(groups):
+        sl = slice(g * rows, (g + 1) * rows)
+        h = gram[g][np.ix_(perm, perm)]
+        out, k = pn.sparsegpt(m[sl][:, perm], h, sparsity=sparsity, nm=nm, damping=damping)
+        new[sl], keep[sl] = out[:, inv], k[:, inv]
+    return layer.from_matrix(new, w.shape), layer.from_matrix(keep, w.shape)
+
+
+def _new_value(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _opset(model: ir.Model) -> int:
+    return int(model.graph.opset_imports.get("", model.opset_imports.get("", 1)))
+
+
+def _encode(
+    model: ir.Model,
+    layer: Layer,
+    codes: np.ndarray,
+    step: float,
+    offset: float,
+) -> None:
+    """Replace the layer's weight by integer codes and constant ops ``w = c·step + sign(c)·offset``."""
+    graph = model.graph
+    weight = layer.weight
+    dtype = weight.const_value.dtype
+    base = weight.name or layer.name
+    c = _new_value(graph, f"{base}_codes", codes)
+    s = _new_value(graph, f"{base}_step", np.array(step, dtype=np.float32))
+    nodes: list[ir.Node] = []
+    cast = ir.node("Cast", [c], {"to": ir.DataType.FLOAT}, name=f"{base}_decode_cast")
+    nodes.append(cast)
+    mul = ir.node("Mul", [cast.outputs[0], s], name=f"{base}_decode_mul")
+    nodes.append(mul)
+    out = mul.outputs[0]
+    if offset != 0.0:
+        o = _new_value(graph, f"{base}_offset", np.array(offset, dtype=np.float32))
+        if _opset(model) >= 9:
+            sign = ir.node("Sign", [cast.outputs[0]], name=f"{base}_decode_sign")
+        else:  # Sign needs opset 9; for integers Clip(c, -1, 1) is the sign
+            sign = ir.node("Clip", [cast.outputs[0]], {"min": -1.0, "max": 1.0}, name=f"{base}_decode_sign")
+        mo = ir.node("Mul", [sign.outputs[0], o], name=f"{base}_decode_offset")
+        add = ir.node("Add", [mul.outputs[0], mo.outputs[0]], name=f"{base}_decode_add")
+        nodes += [sign, mo, add]
+        out = add.outputs[0]
+    if dtype != ir.DataType.FLOAT:
+        back = ir.node("Cast", [out], {"to": dtype}, name=f"{base}_decode_cast_back")
+        nodes.append(back)
+        out = back.outputs[0]
+    out.name = f"{base}_decoded"
+    out.shape = ir.Shape(codes.shape)
+    out.type = ir.TensorType(dtype)
+    graph.insert_before(layer.node, nodes)
+    layer.node.replace_input_with(1, out)
+    if weight in graph.inputs:
+        graph.inputs.remove(weight)
+    if not list(weight.uses()) and weight.name in graph.initializers:
+        del graph.initializers[weight.name]
+
+
+@register_pass
+class PrunePass(Pass):
+    """Unstructured / N:M weight pruning, optionally data-aware, refitted and seed-003 quantized."""
+
+    name: ClassVar[str] = "prune"
+    Config: ClassVar[type] = PruneConfig
+    needs_calibration: ClassVar[bool] = False
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        with _single_blas():
+            return self._run(model, ctx)
+
+    def _run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        cfg: PruneConfig = self.config
+        folded = fold_weight_reshapes(model, cfg.op_types)
+        layers, skipped = find_layers(
+            model,
+            op_types=cfg.op_types,
+            min_size=cfg.min_size,
+            include=cfg.include,
+            exclude=cfg.exclude,
+            skip_first=cfg.skip_first,
+            skip_last=cfg.skip_last,
+        )
+        for graph in list(_subgraphs(model)):
+            if any(n.op_type in cfg.op_types for n in graph):
+                skipped.append(
+                    {"layer": graph.name or "subgraph", "reason": "layers inside subgraphs are not pruned"}
+                )
+        nm = cfg.nm_pair() if cfg.nm else None
+        if nm:
+            kept_layers = []
+            for layer in layers:
+                shape = layer.array().shape
+                channels = layer.to_nm(np.zeros(shape, dtype=np.float32)).shape[-1]
+                if channels % nm[1]:
+                    skipped.append(
+                        {
+                            "layer": layer.name,
+                            "reason": f"{channels} input channels not a multiple of {nm[1]}",
+                        }
+                    )
+                else:
+                    kept_layers.append(layer)
+            layers = kept_layers
+        if cfg.needs_gram:
+            for layer in layers:
+                if layer.op == "ConvTranspose":
+                    skipped.append(
+                        {
+                            "layer": layer.name,
+                            "reason": "reconstruct/sparsegpt not supported for ConvTranspose (magnitude, no refit)",
+                        }
+                    )
+        one_shot = cfg.method in ("wanda", "sparsegpt") or (cfg.reconstruct and not cfg.sequential)
+        samples = _collect(model, layers, ctx, cfg) if (one_shot and layers) else 0
+        reference = None
+        if cfg.needs_gram and cfg.sequential and layers:
+            if ctx.calibration is None:
+                raise CalibrationError(
+                    "prune: reconstruct needs calibration data; give a [calibration] table or set reconstruct = false"
+                )
+            from onnxcomp.ort_session import session_from_model, session_options
+
+            acts = [a for a in dict.fromkeys(layer.activation for layer in layers) if a]
+            graph_inputs = {v.name for v in model.graph.inputs}
+            reference = session_from_model(
+                model,
+                extra_outputs=[a for a in acts if a not in graph_inputs],
+                only_extra_outputs=True,
+                options=session_options(optimization="basic"),
+            )
+            samples = samples or sum(1 for _ in _limited(ctx, cfg.calibration_samples))
+
+        weights = [layer.array().astype(np.float32) for layer in layers]
+        scores = [_scores(layer, w, cfg) for layer, w in zip(layers, weights, strict=True)]
+        global_counts = None
+        if cfg.scope == "global" and cfg.method != "alpha-sigma" and nm is None:
+            global_counts = pn.global_prune_counts(
+                scores, cfg.sparsity, max_layer_sparsity=cfg.max_layer_sparsity
+            )
+
+        per_layer: list[dict[str, Any]] = []
+        total = zeros_before = zeros_after = 0
+        changed = False
+        with ctx.progress.task("prune: layers", total=len(layers)) as step:
+            for i, (layer, w, sc) in enumerate(zip(layers, weights, scores, strict=True)):
+                if reference is not None and layer.op != "ConvTranspose":
+                    _collect_pair(model, reference, layer, ctx, cfg)
+                    sc = _scores(layer, w, cfg)
+                info = self._prune_layer(
+                    model, layer, w, sc, cfg, nm, global_counts[i] if global_counts else None
+                )
+                total += info["params"]
+                zeros_before += info["zeros_before"]
+                zeros_after += info["zeros"]
+                changed = changed or info.pop("changed")
+                per_layer.append(info)
+                step(1)
+        all_params = all_zeros = 0
+        for value in model.graph.initializers.values():
+            if value.const_value is not None and value.const_value.dtype in _FLOAT_TYPES:
+                arr = value.const_value.numpy()
+                all_params += arr.size
+                all_zeros += int(np.count_nonzero(arr == 0))
+        details = {
+            "method": cfg.method,
+            "scope": cfg.scope,
+            "nm": cfg.nm or None,
+            "reconstruct": cfg.reconstruct,
+            "quantize": cfg.quantize,
+            "bits": cfg.bits if cfg.quantize != "none" else None,
+            "calibration_samples": samples,
+            "layers_pruned": len(per_layer),
+            "weights_folded": folded,
+            "params_in_pruned_layers": total,
+            "params_zeroed": zeros_after - zeros_before,
+            "sparsity": zeros_after / total if total else 0.0,
+            "model_float_sparsity": all_zeros / all_params if all_params else 0.0,
+            "layers": per_layer,
+            "skipped": skipped,
+        }
+        return PassResult(changed=changed or bool(folded), details=details)
+
+    def _prune_layer(
+        self,
+        model: ir.Model,
+        layer: Layer,
+        w: np.ndarray,
+        scores: np.ndarray,
+        cfg: PruneConfig,
+        nm: tuple[int, int] | None,
+        global_count: int | None,
+    ) -> dict[str, Any]:
+        shape = w.shape
+        threshold: float | None = None
+        bias_note = ""
+        if cfg.method == "alpha-sigma":
+            threshold = pn.alpha_sigma_threshold(w, cfg.alpha)
+            keep = pn.magnitude_mask(w, threshold)
+        elif cfg.method == "sparsegpt" and "gram" in layer.stats:
+            sparsity = global_count / w.size if global_count is not None else cfg.sparsity
+            new_sg, keep = _sparsegpt(layer, w, sparsity, nm, cfg.damping)
+        elif nm is not None:
+            keep = layer.from_nm(pn.nm_mask(layer.to_nm(scores), nm[0], nm[1]), shape)
+        elif global_count is not None:
+            keep = pn.lowest_mask(scores, global_count)
+        elif cfg.method == "wanda":
+            keep = layer.from_matrix(pn.row_lowest_mask(layer.to_matrix(scores), cfg.sparsity), shape)
+        else:
+            keep = pn.lowest_mask(scores, round(cfg.sparsity * w.size))
+        if threshold is None and not keep.all():
+            threshold = float(scores[~keep].max())
+        new = np.where(keep, w, 0.0).astype(np.float32)
+        if cfg.method == "sparsegpt" and "gram" in layer.stats:
+            new = new_sg.astype(np.float32)
+        if cfg.reconstruct and layer.op != "ConvTranspose" and not keep.all():
+            kind, slot = _bias_slot(layer) if cfg.refit_bias else ("", None)
+            refit, delta = _refit(layer, w, keep, cfg.damping, intercept=bool(kind))
+            new = np.where(keep, refit, 0.0).astype(np.float32)
+            if delta is not None:
+                _apply_bias(model, layer, kind, slot, delta)
+                bias_note = kind
+        zeros_before = int(np.count_nonzero(w == 0))
+        info: dict[str, Any] = {
+            "layer": layer.name,
+            "op": layer.op,
+            "weight": layer.weight.name,
+            "shape": list(shape),
+            "params": int(w.size),
+            "zeros_before": zeros_before,
+            "threshold": threshold,
+        }
+        if bias_note:
+            info["bias_corrected"] = bias_note
+        if cfg.quantize != "none" and cfg.bits < 32:
+            if cfg.quantize == "seed003":
+                beta = (
+                    threshold
+                    if cfg.method == "alpha-sigma"
+                    else (float(np.abs(w[keep]).min()) if keep.any() else 0.0)
+                )
+                pq = pn.prune_quantize(new, beta, cfg.bits, keep=keep & (w != 0), rounding=cfg.rounding)
+                codes, step, offset = pq.codes, pq.step, pq.offset
+                info.update({"beta": pq.beta, "step": step})
+            else:
+                codes, step = pn.affine_quantize(new, cfg.bits)
+                offset = 0.0
+                info.update({"step": step})
+            _encode(model, layer, codes, step, offset)
+            decoded = codes.astype(np.float32) * np.float32(step) + np.sign(
+                codes.astype(np.float32)
+            ) * np.float32(offset)
+            info["zeros"] = int(np.count_nonzero(decoded == 0))
+            info["changed"] = True
+        else:
+            out = new.astype(layer.weight.const_value.numpy().dtype)
+            changed = not np.array_equal(out, layer.array())
+            if changed:
+                layer.weight.const_value = ir.tensor(out, name=layer.weight.name)
+            info["zeros"] = int(np.count_nonzero(out == 0))
+            info["changed"] = changed
+        info["sparsity"] = info["zeros"] / w.size if w.size else 0.0
+        return info
+
+
+def _subgraphs(model: ir.Model) -> Iterator[ir.Graph]:
+    from onnxcomp.model_io import iter_graphs
+
+    it = iter_graphs(model)
+    next(it)
+    yield from it

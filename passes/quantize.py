@@ -1,0 +1,951 @@
+"""Post-training quantization pass (recipe key ``quantize``).
+
+Modes (``mode``):
+
+- ``static-int8``: ``Op(x, W, b) -> Q/DQ(Op(DQ(Q(x)), DQ(W_q), DQ(b_q)))`` — QDQ format with per-channel
+  int8 weights (Conv axis 0, ConvTranspose axis 1, MatMul/Gemm per output column), per-tensor
+  activations from streaming calibration statistics, int32 biases with ``s_b = s_x · s_w`` (what ONNX
+  Runtime's QDQ selectors need to fuse to QLinearConv / QLinearMatMul), Relu/Clip folded into the
+  following quantizer, MaxPool/Resize sharing their input's parameters.
+- ``weight-only``: ``MatMul(x, W) -> MatMul(x, DQ(W_q, s, z))`` with 2..8-bit per-channel or block-wise
+  weights (INT4/UINT4 containers for ≤ 4 bits), 16-bit weights as fp16 or int16, optionally
+  com.microsoft ``MatMulNBits`` for 4-bit MatMuls.
+- ``dynamic``: ``MatMul(x, W) -> Mul(Cast(MatMulInteger(DQL(x), W_q)), s_x · s_w)`` (ONNX Runtime fuses it
+  to DynamicQuantizeMatMul).
+- ``fp16``: every float tensor becomes float16; inputs/outputs optionally keep float32.
+
+``method``: ``rtn`` (round to nearest), ``gptq`` (error-compensating rounding with the calibration
+``Xᵀ X``) or ``seed-uniform`` (seed 003: per-layer ``q = max|W| / (2^(b-1) - 1)``, round to nearest).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxcomp.errors import CalibrationError, PassError, TargetError
+from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxcomp.passes import quant_numerics as qn
+
+__all__ = ["QuantizeConfig", "QuantizePass", "host_reduce_range"]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+DEFAULT_OP_TYPES = (
+    "Conv",
+    "ConvTranspose",
+    "MatMul",
+    "Gemm",
+    "Add",
+    "Mul",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Resize",
+    "Sigmoid",
+    "Softmax",
+)
+#: Ops whose quantized output reuses the input's parameters (ONNX Runtime drops their Q/DQ pairs).
+SHARE_PARAMS_OPS = frozenset({"MaxPool", "Resize"})
+#: Ops whose output is quantized only when a quantized op consumes it (Softmax/Sigmoid "where it pays off").
+OUTPUT_IF_CONSUMED_OPS = frozenset({"Softmax", "Sigmoid", "Concat", "Add", "Mul"})
+
+_QTYPES = {
+    "uint8": (ir.DataType.UINT8, 8, False),
+    "int8": (ir.DataType.INT8, 8, True),
+    "uint16": (ir.DataType.UINT16, 16, False),
+    "int16": (ir.DataType.INT16, 16, True),
+}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of the ``quantize`` pass (recipe table ``[quantize]``)."""
+
+    mode: Literal["static-int8", "weight-only", "dynamic", "fp16"] = "static-int8"
+    #: rounding of weights: round to nearest, GPTQ (needs calibration) or the seed-003 per-layer grid.
+    method: Literal["rtn", "gptq", "seed-uniform"] = "rtn"
+    #: weight bits (weight-only / seed-uniform); static-int8 and dynamic use 8.
+    bits: int = 8
+    #: activation type; "auto" takes it from the target (uint8 on x86 ONNX Runtime).
+    activation_type: Literal["auto", "uint8", "int8", "uint16", "int16"] = "auto"
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    #: 7-bit weights; None = from the target (on for x86 without VNNI).
+    reduce_range: bool | None = None
+    per_channel: bool = True
+    #: block size along the input dimension (weight-only); 0 = one scale per output channel.
+    block_size: int = 0
+    #: weight range: min/max or the MSE-optimal clipping per channel/block.
+    weight_range: Literal["minmax", "mse"] = "minmax"
+    #: activation observer (calibration): minmax, percentile, entropy, mse.
+    observer: str = "minmax"
+    percentile: float = 99.999
+    bias_correction: bool = False
+    gptq_damp: float = 0.01
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    exclude_op_types: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
+    #: layers whose isolated output SQNR (dB, on calibration data) is below this stay float; None = off.
+    fallback_sqnr_db: float | None = None
+    #: cap on calibration samples used by statistics / GPTQ (None = all).
+    max_samples: int | None = None
+    #: samples concatenated per ONNX Runtime run when every input has a symbolic batch dimension
+    #: (faster; peak memory grows with it, statistics do not change).
+    calibration_batch: int = 1
+    #: weight-only 16-bit container.
+    sixteen_bit: Literal["fp16", "int16"] = "fp16"
+    #: weight-only 4-bit MatMul: emit com.microsoft MatMulNBits instead of DequantizeLinear + MatMul.
+    matmul_nbits: bool = False
+    #: fp16: keep float32 graph inputs/outputs (Cast at the borders).
+    keep_io_types: bool = True
+    #: fp16: op types that stay float32.
+    fp16_keep_ops: tuple[str, ...] = ()
+    #: weights with fewer elements stay float (tiny tensors gain nothing).
+    min_weight_elements: int = 16
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be in [2, 16], got {self.bits}")
+        if self.method == "seed-uniform" and self.bits < 3:
+            raise ValueError(f"seed-uniform needs bits in [3, 16], got {self.bits}")
+        if self.block_size < 0 or (self.block_size and self.block_size < 2):
+            raise ValueError(f"block_size must be 0 or >= 2, got {self.block_size}")
+        if self.mode == "weight-only" and 8 < self.bits < 16 and self.method != "seed-uniform":
+            raise ValueError(f"weight-only bits must be 2..8 or 16, got {self.bits}")
+        if self.mode in ("static-int8", "dynamic") and self.bits != 8 and self.method != "seed-uniform":
+            raise ValueError(f"mode {self.mode!r} quantizes weights to 8 bits; got bits={self.bits}")
+        if self.matmul_nbits and (self.bits != 4 or self.mode != "weight-only"):
+            raise ValueError("matmul_nbits needs mode='weight-only' and bits=4")
+        if self.matmul_nbits and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ValueError("matmul_nbits needs block_size a power of two >= 16")
+        if not 0.0 <= self.gptq_damp < 1.0:
+            raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
+        if self.calibration_batch < 1:
+            raise ValueError(f"calibration_batch must be >= 1, got {self.calibration_batch}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+
+
+# --------------------------------------------------------------------------------------------- target
+
+
+def host_reduce_range() -> bool:
+    """True on x86 CPUs without VNNI (u8·s8 pair sums saturate in 16 bits: use 7-bit weights)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _target_name(target: Any) -> str:
+    return str(getattr(target, "name", type(target).__name__))
+
+
+# ------------------------------------------------------------------------------------------ graph util
+
+
+class _Names:
+    """Unique value/node names for one graph."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
+        for node in graph:
+            self.used.update(v.name for v in node.outputs)
+            if node.name:
+                self.used.add(node.name)
+        self.used.discard(None)
+
+    def new(self, hint: str) -> str:
+        name, i = hint, 0
+        while name in self.used:
+            i += 1
+            name = f"{hint}_{i}"
+        self.used.add(name)
+        return name
+
+
+def _const(graph: ir.Graph, names: _Names, hint: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    name = names.new(hint)
+    tensor = ir.tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
+    graph.register_initializer(value)
+    return value
+
+
+def _const_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    if value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.graph.opset_imports.get("", 1))
+
+
+def _ensure_opset(model: ir.Model, minimum: int) -> int | None:
+    """Convert the model's default-domain opset to at least ``minimum`` (ONNX version converter).
+
+    Returns the old opset when it converted. Initializers that are also graph inputs (IR < 4) become
+    plain initializers first."""
+    _drop_initializer_inputs(model)
+    _fold_constants(model.graph)
+    _fold_conv_bias(model.graph)
+    old = _opset(model)
+    if old >= minimum:
+        _infer_types(model)
+        return None
+    proto = ir.to_proto(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, minimum)
+    except Exception as exc:
+        raise PassError(
+            f"quantize needs opset >= {minimum} (model has {old}) and the ONNX version converter failed: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    new = ir.from_proto(converted)
+    model.graph = new.graph
+    model.ir_version = max(new.ir_version, _min_ir(minimum))
+    logger.info("converted opset %d -> %d", old, minimum)
+    _infer_types(model)
+    return old
+
+
+def _infer_types(model: ir.Model) -> None:
+    """ONNX shape/type inference in place (values without a type are treated as unknown)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    try:
+        ShapeInferencePass()(model)
+    except Exception as exc:  # inference is best effort; untyped values are then skipped
+        logger.warning("shape inference failed: %s", exc)
+
+
+def _min_ir(opset: int) -> int:
+    return 10 if opset >= 21 else 8 if opset >= 15 else 7
+
+
+def _drop_initializer_inputs(model: ir.Model) -> None:
+    graph = model.graph
+    keep = [v for v in graph.inputs if not (v.is_initializer() and v.const_value is not None)]
+    if len(keep) != len(graph.inputs):
+        graph.inputs.clear()
+        graph.inputs.extend(keep)
+        model.ir_version = max(model.ir_version, 4)
+
+
+_FOLDABLE = frozenset({"Reshape", "Transpose", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
+
+
+def _fold_constants(graph: ir.Graph) -> int:
+    """Evaluate shape-only ops whose inputs are all initializers (e.g. ``Reshape(W, shape)``), so the
+    weight they produce becomes an initializer the pass can quantize. Returns the number folded."""
+    folded = 0
+    for node in list(graph):
+        if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        arrays = [_const_array(v) if v is not None else None for v in node.inputs]
+        if not arrays or arrays[0] is None or any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None):
+            continue
+        x = arrays[0]
+        op = node.op_type
+        try:
+            if op == "Reshape":
+                shape = [int(d) for d in arrays[1]]
+                shape = [x.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else d for i, d in enumerate(shape)]
+                y = x.reshape(shape)
+            elif op == "Transpose":
+                perm = _attr(node, "perm", None)
+                y = np.transpose(x, perm)
+            elif op == "Identity":
+                y = x
+            elif op == "Flatten":
+                ax = _attr(node, "axis", 1) % max(x.ndim, 1)
+                y = x.reshape(int(np.prod(x.shape[:ax])), -1)
+            elif op == "Cast":
+                y = x.astype(ir.DataType(_attr(node, "to", 1)).numpy())
+            else:
+                axes = arrays[1] if len(arrays) > 1 and arrays[1] is not None else _attr(node, "axes", None)
+                if op == "Squeeze":
+                    y = np.squeeze(x, axis=None if axes is None else tuple(int(a) for a in axes))
+                else:
+                    y = x
+                    for a in sorted(int(a) % (x.ndim + len(axes)) for a in axes):
+                        y = np.expand_dims(y, a)
+        except Exception:  # unusual attributes: leave the node alone
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        name = out.name
+        value = ir.Value(name=None, const_value=ir.tensor(np.ascontiguousarray(y)), type=out.type, shape=ir.Shape(y.shape))
+        out.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        value.name = name
+        value.const_value.name = name
+        graph.register_initializer(value)
+        folded += 1
+    return folded
+
+
+def _fold_conv_bias(graph: ir.Graph) -> int:
+    """``Add(Conv(x, W), c)`` with a per-channel constant ``c`` -> ``Conv(x, W, b + c)``."""
+    names = _Names(graph)
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        y = node.outputs[0]
+        uses = list(y.uses())
+        if w is None or y.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != "Add":
+            continue
+        add = uses[0].node
+        c = _const_array(add.inputs[1 - uses[0].idx])
+        if c is None or c.dtype != np.float32 or c.size not in (1, w.shape[0]):
+            continue
+        per_channel = c.ndim == w.ndim - 1 or (c.ndim == w.ndim and c.shape[0] == 1)
+        if c.size != 1 and not (per_channel and c.shape[-(w.ndim - 1)] == w.shape[0]):
+            continue
+        b = _const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        nb = (np.zeros(w.shape[0], np.float32) if b is None else b) + c.reshape(-1)
+        bv = _const(graph, names, f"{node.name or 'Conv'}_bias", nb.astype(np.float32))
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, bv)
+        z = add.outputs[0]
+        if z.is_graph_output():
+            continue
+        z.replace_all_uses_with(y)
+        graph.remove(add, safe=True)
+        folded += 1
+    return folded
+
+
+def _excluded(node: ir.Node, cfg: QuantizeConfig) -> bool:
+    return node.op_type in cfg.exclude_op_types or (node.name or "") in cfg.exclude_nodes
+
+
+# ------------------------------------------------------------------------------------------- layers
+
+
+@dataclass
+class _Layer:
+    """A node with a constant weight: ``W`` laid out as ``Wm[out, in]`` by ``to_m``/``from_m``."""
+
+    node: ir.Node
+    x: ir.Value
+    w: ir.Value
+    b: ir.Value | None
+    axis: int  # per-output-channel axis of W
+    in_axis: int  # reduction axis of W (block-wise quantization runs along it)
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name or self.node.op_type
+
+    def to_m(self, w: np.ndarray) -> np.ndarray:
+        if self.node.op_type == "Conv":
+            return w.reshape(w.shape[0], -1)
+        if self.node.op_type == "ConvTranspose":
+            return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+        return w if self.axis == 0 else w.T
+
+    def from_m(self, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.node.op_type == "Conv":
+            return m.reshape(shape)
+        if self.node.op_type == "ConvTranspose":
+            return np.moveaxis(m.reshape(shape[1], shape[0], *shape[2:]), 0, 1)
+        return m if self.axis == 0 else m.T
+
+
+def _find_layers(graph: ir.Graph, cfg: QuantizeConfig) -> tuple[list[_Layer], list[dict[str, str]]]:
+    layers: list[_Layer] = []
+    skipped: list[dict[str, str]] = []
+    for node in graph:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or op not in WEIGHTED_OPS or op not in cfg.op_types:
+            continue
+        if _excluded(node, cfg):
+            skipped.append({"node": node.name or op, "reason": "excluded"})
+            continue
+        if len(node.inputs) < 2 or not _is_float(node.inputs[0]):
+            continue
+        w = node.inputs[1]
+        wa = _const_array(w)
+        if wa is None or wa.dtype != np.float32:
+            if op != "MatMul":
+                skipped.append({"node": node.name or op, "reason": "weight is not a float32 initializer"})
+            continue
+        if wa.size < cfg.min_weight_elements:
+            skipped.append({"node": node.name or op, "reason": f"weight has only {wa.size} elements"})
+            continue
+        b = node.inputs[2] if len(node.inputs) > 2 else None
+        if op == "Conv":
+            axis, in_axis = 0, 1
+        elif op == "ConvTranspose":
+            axis, in_axis = 1, 0
+        elif op == "MatMul":
+            if wa.ndim != 2:
+                skipped.append({"node": node.name or op, "reason": f"MatMul weight of rank {wa.ndim}"})
+                continue
+            axis, in_axis = 1, 0
+        else:  # Gemm
+            if _attr(node, "transA", 0):
+                skipped.append({"node": node.name or op, "reason": "Gemm with transA=1"})
+                continue
+            axis, in_axis = (0, 1) if _attr(node, "transB", 0) else (1, 0)
+            if b is not None and (_const_array(b) is None or _const_array(b).ndim != 1):
+                b = None if _const_array(b) is None else b
+        layers.append(_Layer(node, node.inputs[0], w, b, axis, in_axis))
+    return layers, skipped
+
+
+# ------------------------------------------------------------------------------ calibration helpers
+
+
+def _samples(ctx: PassContext, cfg: QuantizeConfig, model: ir.Model | None = None) -> Iterable[dict[str, np.ndarray]]:
+    """Calibration samples (at most ``max_samples``); with ``model`` given and a symbolic batch
+    dimension on every input, consecutive same-shaped samples are concatenated into batches of
+    ``calibration_batch`` (ONNX Runtime runs a batch of 8 faster than 8 single runs; the observers are
+    batch-invariant, so statistics do not change)."""
+    it: Iterable[dict[str, np.ndarray]] = ctx.calibration_samples()
+    if cfg.max_samples is not None:
+        it = (s for _, s in zip(range(cfg.max_samples), it, strict=False))
+    if model is None or cfg.calibration_batch <= 1 or not _batchable(model):
+        return it
+    return _batch(it, cfg.calibration_batch)
+
+
+def _batchable(model: ir.Model) -> bool:
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    return bool(inputs) and all(
+        v.shape is not None and len(v.shape) > 0 and not isinstance(v.shape[0], int) for v in inputs
+    )
+
+
+def _batch(samples: Iterable[dict[str, np.ndarray]], size: int) -> Iterable[dict[str, np.ndarray]]:
+    pending: list[dict[str, np.ndarray]] = []
+
+    def key(s: dict[str, np.ndarray]) -> tuple:
+        return tuple(sorted((k, np.shape(v)[1:], np.asarray(v).dtype.str) for k, v in s.items()))
+
+    def flush() -> dict[str, np.ndarray]:
+        out = {k: np.concatenate([np.asarray(p[k]) for p in pending]) for k in pending[0]}
+        pending.clear()
+        return out
+
+    for s in samples:
+        if any(np.ndim(v) == 0 for v in s.values()):
+            if pending:
+                yield flush()
+            yield s
+            continue
+        if pending and key(pending[0]) != key(s):
+            yield flush()
+        pending.append(s)
+        if len(pending) == size:
+            yield flush()
+    if pending:
+        yield flush()
+
+
+def _layer_rows(layer: _Layer, x: np.ndarray, rng: np.random.Generator, max_rows: int = 256) -> np.ndarray:
+    """The layer input as rows matching ``Wm``'s columns (im2col for convolutions)."""
+    node = layer.node
+    if node.op_type == "Conv":
+        k = _const_array(layer.w).shape[2:]
+        nd = len(k)
+        return qn.conv_patches(
+            x,
+            tuple(k),
+            strides=tuple(_attr(node, "strides", [1] * nd)),
+            pads=tuple(_attr(node, "pads", [0] * 2 * nd)),
+            dilations=tuple(_attr(node, "dilations", [1] * nd)),
+            max_rows=max_rows,
+            rng=rng,
+        )
+    rows = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    if rows.shape[0] > max_rows:
+        rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
+    return rows
+
+
+def _gptq_capable(layer: _Layer) -> bool:
+    node = layer.node
+    if node.op_type == "Conv":
+        k = _const_array(layer.w).shape[2:]
+        return (
+            len(k) == 2
+            and _attr(node, "group", 1) == 1
+            and str(_attr(node, "auto_pad", "NOTSET")) in ("NOTSET", "VALID")
+        )
+    return node.op_type in ("MatMul", "Gemm")
+
+
+def _input_statistics(
+    model: ir.Model, layers: list[_Layer], ctx: PassContext, cfg: QuantizeConfig, *, hessian: bool
+) -> dict[str, tuple[np.ndarray | None, np.ndarray, int]]:
+    """One streaming pass: per layer ``(H = Σ rowsᵀ rows or None, Σ rows, n_rows)`` of its input."""
+    from onnxcomp.calibration.collect import stream_tensors
+
+    capable = [lay for lay in layers if _gptq_capable(lay)]
+    if not capable:
+        return {}
+    names = list(dict.fromkeys(lay.x.name for lay in capable))
+    acc: dict[str, list[Any]] = {}
+    rng = np.random.default_rng(0)
+    with ctx.progress.task(f"layer input statistics ({len(capable)} layers)") as step:
+        for values in stream_tensors(model, names, _samples(ctx, cfg, model)):
+            for lay in capable:
+                rows = _layer_rows(lay, np.asarray(values[lay.x.name], dtype=np.float32), rng)
+                h = (rows.T @ rows).astype(np.float64) if hessian else None
+                s = rows.sum(axis=0, dtype=np.float64)
+                if lay.name not in acc:
+                    acc[lay.name] = [h, s, rows.shape[0]]
+                else:
+                    if hessian:
+                        acc[lay.name][0] += h
+                    acc[lay.name][1] += s
+                    acc[lay.name][2] += rows.shape[0]
+            step(1)
+    if not acc:
+        raise CalibrationError("the calibration data yielded no samples")
+    return {k: (v[0], v[1], v[2]) for k, v in acc.items()}
+
+
+# ------------------------------------------------------------------------------- weight quantization
+
+
+@dataclass
+class _QWeight:
+    codes: np.ndarray  # in W's layout
+    scale: np.ndarray  # scalar, [C] (per-channel) or blocked (W's shape with blocks along in_axis)
+    zp: np.ndarray
+    axis: int | None
+    block_size: int
+    grid: qn.QGrid
+    w_hat: np.ndarray  # dequantized, W's layout
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _quantize_weight(
+    layer: _Layer,
+    w: np.ndarray,
+    grid: qn.QGrid,
+    cfg: QuantizeConfig,
+    *,
+    block_size: int,
+    stats: tuple[np.ndarray | None, np.ndarray, int] | None,
+) -> _QWeight:
+    if cfg.method == "seed-uniform":
+        codes, q = qn.seed_uniform(w, cfg.bits)
+        seed_grid = qn.QGrid(cfg.bits, signed=True, symmetric=True, narrow=True)
+        scale, zp = np.asarray(q, np.float32), np.asarray(0, np.int64)
+        return _QWeight(codes, scale, zp, None, 0, seed_grid, qn.dequantize(codes, scale, zp))
+    if block_size:
+        axis: int | None = layer.in_axis
+        scale, zp = qn.block_params(w, layer.in_axis, block_size, grid, method=cfg.weight_range)
+        full_s = qn.expand_blocks(scale, layer.in_axis, block_size, w.shape[layer.in_axis])
+        full_z = qn.expand_blocks(zp, layer.in_axis, block_size, w.shape[layer.in_axis])
+    elif cfg.per_channel:
+        axis = layer.axis
+        scale, zp = qn.channel_params(w, layer.axis, grid, method=cfg.weight_range)
+        full_s = np.broadcast_to(qn._bshape(scale, w.ndim, axis), w.shape)
+        full_z = np.broadcast_to(qn._bshape(zp, w.ndim, axis), w.shape)
+    else:
+        axis = None
+        scale, zp = qn.channel_params(w, None, grid, method=cfg.weight_range)
+        full_s, full_z = np.broadcast_to(scale, w.shape), np.broadcast_to(zp, w.shape)
+    if cfg.method == "gptq" and stats is not None and stats[0] is not None:
+        h = stats[0] / max(stats[2], 1)
+        codes_m = qn.gptq_quantize(
+            layer.to_m(w), h, layer.to_m(np.asarray(full_s)), layer.to_m(np.asarray(full_z)), grid, damp=cfg.gptq_damp
+        )
+        codes = layer.from_m(codes_m, w.shape)
+    else:
+        codes = np.clip(np.rint(w / full_s).astype(np.int64) + full_z, grid.qmin, grid.qmax)
+    w_hat = ((codes - full_z).astype(np.float32) * full_s).astype(np.float32)
+    return _QWeight(codes, scale, zp, axis, block_size, grid, w_hat)
+
+
+def _weight_container(bits: int, signed: bool) -> ir.DataType:
+    if bits <= 4:
+        return ir.DataType.INT4 if signed else ir.DataType.UINT4
+    if bits <= 8:
+        return ir.DataType.INT8 if signed else ir.DataType.UINT8
+    return ir.DataType.INT16 if signed else ir.DataType.UINT16
+
+
+def _container_array(codes: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    import ml_dtypes
+
+    np_types = {
+        ir.DataType.INT4: ml_dtypes.int4,
+        ir.DataType.UINT4: ml_dtypes.uint4,
+        ir.DataType.INT8: np.int8,
+        ir.DataType.UINT8: np.uint8,
+        ir.DataType.INT16: np.int16,
+        ir.DataType.UINT16: np.uint16,
+        ir.DataType.INT32: np.int32,
+    }
+    return codes.astype(np.int64).astype(np_types[dtype])
+
+
+def _dq_weight(graph: ir.Graph, names: _Names, base: str, qw: _QWeight, dtype: ir.DataType) -> tuple[ir.Value, ir.Node]:
+    """``DequantizeLinear(W_q, s, z)`` node and its output for a quantized weight."""
+    wq = _const(graph, names, f"{base}_quantized", _container_array(qw.codes, dtype), dtype)
+    s = _const(graph, names, f"{base}_scale", np.asarray(qw.scale, np.float32))
+    z = _const(graph, names, f"{base}_zero_point", _container_array(np.asarray(qw.zp), dtype), dtype)
+    attrs: dict[str, Any] = {}
+    if qw.axis is not None:
+        attrs["axis"] = qw.axis
+    if qw.block_size:
+        attrs["block_size"] = qw.block_size
+    out = ir.Value(name=names.new(f"{base}_dequantized"))
+    node = ir.node("DequantizeLinear", [wq, s, z], attrs, outputs=[out], name=names.new(f"{base}_DequantizeLinear"))
+    return out, node
+
+
+# ------------------------------------------------------------------------------------------- the pass
+
+
+@register_pass
+class QuantizePass(Pass):
+    """Post-training quantization: static int8 QDQ, weight-only 2..16 bits, dynamic int8, fp16."""
+
+    name: ClassVar[str] = "quantize"
+    Config: ClassVar[type] = QuantizeConfig
+    needs_calibration: ClassVar[bool] = False  # static-int8 / gptq / bias correction check for it
+    lossless: ClassVar[bool] = False
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        cfg: QuantizeConfig = self.config
+        if cfg.mode == "static-int8":
+            return self._static(model, ctx, cfg)
+        if cfg.mode == "weight-only":
+            return self._weight_only(model, ctx, cfg)
+        if cfg.mode == "dynamic":
+            return self._dynamic(model, ctx, cfg)
+        from onnxcomp.passes.fp16 import convert_fp16
+
+        return convert_fp16(model, keep_io_types=cfg.keep_io_types, keep_ops=cfg.fp16_keep_ops, target=ctx.target)
+
+    # ------------------------------------------------------------------------------------- shared
+
+    @staticmethod
+    def _needs_data(ctx: PassContext, why: str) -> None:
+        if ctx.calibration is None:
+            raise CalibrationError(f"quantize: {why} needs calibration data (give --calib or a [calibration] table)")
+
+    @staticmethod
+    def _reduce_range(cfg: QuantizeConfig, target: Any) -> bool:
+        if cfg.reduce_range is not None:
+            return cfg.reduce_range
+        rr = getattr(target, "reduce_range", None) if target is not None else None
+        return host_reduce_range() if rr is None else bool(rr)
+
+    def _weight_stats(
+        self, model: ir.Model, layers: list[_Layer], ctx: PassContext, cfg: QuantizeConfig
+    ) -> dict[str, tuple[np.ndarray | None, np.ndarray, int]]:
+        want_h = cfg.method == "gptq"
+        if not (want_h or cfg.bias_correction):
+            return {}
+        self._needs_data(ctx, "GPTQ" if want_h else "bias correction")
+        return _input_statistics(model, layers, ctx, cfg, hessian=want_h)
+
+    @staticmethod
+    def _bias_delta(layer: _Layer, w: np.ndarray, w_hat: np.ndarray, stats: Any) -> np.ndarray | None:
+        if stats is None:
+            return None
+        mean = stats[1] / max(stats[2], 1)
+        return qn.bias_correction(layer.to_m(w), layer.to_m(w_hat), mean)
+
+    # -------------------------------------------------------------------------------- weight-only
+
+    def _weight_only(self, model: ir.Model, ctx: PassContext, cfg: QuantizeConfig) -> PassResult:
+        sixteen_fp = cfg.bits == 16 and cfg.method != "seed-uniform" and cfg.sixteen_bit == "fp16"
+        # INT4/UINT4, INT16 and block_size need opset 21; per-channel int8 and fp16 need 13.
+        needs = 13 if sixteen_fp or (not cfg.block_size and 5 <= cfg.bits <= 8) else 21
+        if cfg.matmul_nbits:
+            needs = 13
+        old = _ensure_opset(model, needs)
+        graph = model.graph
+        layers, skipped = _find_layers(graph, cfg)
+        if not layers:
+            return PassResult(False, {"mode": cfg.mode, "layers": [], "skipped": skipped})
+        stats = self._weight_stats(model, layers, ctx, cfg)
+        names = _Names(graph)
+        signed = cfg.symmetric_weights
+        grid = qn.QGrid(cfg.bits, signed=signed, symmetric=cfg.symmetric_weights)
+        report: list[dict[str, Any]] = []
+        before = after = 0
+        cache: dict[tuple[str, str], ir.Value] = {}
+        with ctx.progress.task("quantize weights", total=len(layers)) as step:
+            for layer in layers:
+                w = _const_array(layer.w)
+                before += w.nbytes
+                base = layer.w.name or layer.name
+                if sixteen_fp:
+                    key = (base, "fp16")
+                    if key not in cache:
+                        w16 = _const(graph, names, f"{base}_fp16", w.astype(np.float16))
+                        out = ir.Value(name=names.new(f"{base}_fp32"))
+                        graph.append(ir.node("Cast", [w16], {"to": ir.DataType.FLOAT}, outputs=[out], name=names.new(f"{base}_Cast")))
+                        cache[key] = out
+                    layer.node.replace_input_with(1, cache[key])
+                    after += w.size * 2
+                    err = qn.sqnr_db(w, w.astype(np.float16).astype(np.float32))
+                    report.append({"node": layer.name, "bits": 16, "format": "fp16", "weight_sqnr_db": _r(err)})
+                    step(1)
+                    continue
+                block = cfg.block_size if cfg.block_size and w.shape[layer.in_axis] >= cfg.block_size else 0
+                if cfg.block_size and not block:
+                    block = 0
+                qw = _quantize_weight(layer, w, grid, cfg, block_size=block, stats=stats.get(layer.name))
+                if cfg.matmul_nbits and layer.node.op_type == "MatMul" and block:
+                    self._emit_matmul_nbits(graph, names, layer, w, cfg, stats.get(layer.name))
+                    after += w.size // 2 + qw.scale.size * 4
+                else:
+                    dtype = _weight_container(qw.grid.bits, qw.grid.signed)
+                    out, dq = _dq_weight(graph, names, base, qw, dtype)
+                    graph.append(dq)
+                    layer.node.replace_input_with(1, out)
+                    after += math.ceil(w.size * _bits_of(dtype) / 8) + qw.scale.size * 4
+                entry = {
+                    "node": layer.name,
+                    "bits": qw.grid.bits,
+                    "granularity": f"block {block}" if block else ("channel" if qw.axis is not None else "tensor"),
+                    "weight_sqnr_db": _r(qn.sqnr_db(w, qw.w_hat)),
+                }
+                if cfg.bias_correction:
+                    self._apply_bias_correction(graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry)
+                report.append(entry)
+                step(1)
+        _remove_unused_initializers(graph)
+        graph.sort()
+        return PassResult(
+            True,
+            {
+                "mode": cfg.mode,
+                "method": cfg.method,
+                "bits": cfg.bits,
+                "opset_converted_from": old,
+                "weight_bytes_before": before,
+                "weight_bytes_after": after,
+                "layers": report,
+                "skipped": skipped,
+            },
+        )
+
+    def _emit_matmul_nbits(
+        self, graph: ir.Graph, names: _Names, layer: _Layer, w: np.ndarray, cfg: QuantizeConfig, stats: Any
+    ) -> None:
+        """``MatMul(x, W[K,N]) -> MatMulNBits(x, B[N, K/bs, bs/2], scales[N, K/bs], zp)`` (4-bit codes
+        ``u = q + 8`` for the symmetric grid, packed low nibble first)."""
+        k, n = w.shape
+        bs = cfg.block_size
+        kb = math.ceil(k / bs)
+        pad = kb * bs - k
+        wt = w.T  # [N, K]
+        if pad:
+            wt = np.concatenate([wt, np.zeros((n, pad), np.float32)], axis=1)
+        grid = qn.QGrid(4, signed=False, symmetric=cfg.symmetric_weights)
+        scale, zp = qn.block_params(wt, 1, bs, grid, method=cfg.weight_range)  # [N, kb]
+        full_s = np.repeat(scale, bs, axis=1)
+        full_z = np.repeat(zp, bs, axis=1)
+        if cfg.method == "gptq" and stats is not None and stats[0] is not None:
+            h = stats[0] / max(stats[2], 1)
+            if pad:
+                hp = np.eye(k + pad) * float(np.mean(np.diag(h)))
+                hp[:k, :k] = h
+                h = hp
+            codes = qn.gptq_quantize(wt, h, full_s, full_z, grid, damp=cfg.gptq_damp)
+        else:
+            codes = np.clip(np.rint(wt / full_s).astype(np.int64) + full_z, 0, 15)
+        packed = qn.pack_nbits(codes.reshape(n, kb, bs), 4)  # [N, kb, bs/2]
+        b = _const(graph, names, f"{layer.w.name}_nbits", packed)
+        s = _const(graph, names, f"{layer.w.name}_nbits_scale", scale.astype(np.float32).reshape(-1))
+        inputs = [layer.x, b, s]
+        if not cfg.symmetric_weights:
+            zq = qn.pack_nbits(zp.astype(np.uint8), 4)  # [N, ceil(kb/2)]
+            inputs.append(_const(graph, names, f"{layer.w.name}_nbits_zp", zq.reshape(-1)))
+        node = layer.node
+        out = node.outputs[0]
+        new_out = ir.Value(name=names.new(f"{out.name}_nbits"))
+        mm = ir.node(
+            "MatMulNBits",
+            inputs,
+            {"K": k, "N": n, "bits": 4, "block_size": bs, "accuracy_level": 1},
+            domain="com.microsoft",
+            outputs=[new_out],
+            name=names.new(f"{node.name or 'MatMul'}_NBits"),
+        )
+        graph.insert_after(node, mm)
+        if "com.microsoft" not in graph.opset_imports:
+            graph.opset_imports["com.microsoft"] = 1
+        _replace_value(graph, out, new_out)
+        graph.remove(node, safe=True)
+
+    def _apply_bias_correction(
+        self, graph: ir.Graph, names: _Names, layer: _Layer, w: np.ndarray, w_hat: np.ndarray, stats: Any, entry: dict
+    ) -> None:
+        delta = self._bias_delta(layer, w, w_hat, stats)
+        if delta is None:
+            return
+        node = layer.node
+        if node.op_type in ("Conv", "Gemm"):
+            b = _const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+            if node.op_type == "Gemm" and b is not None and b.shape != delta.shape:
+                return
+            nb = (np.zeros_like(delta) if b is None else b) + delta
+            v = _const(graph, names, f"{layer.name}_bias_corrected", nb.astype(np.float32))
+            if len(node.inputs) > 2:
+                node.replace_input_with(2, v)
+            else:
+                node.resize_inputs(3)
+                node.replace_input_with(2, v)
+            layer.b = v
+            entry["bias_corrected"] = True
+        elif node.op_type == "MatMul":
+            users = list(node.outputs[0].uses())
+            if len(users) == 1 and users[0].node.op_type == "Add":
+                add = users[0].node
+                other = 1 - users[0].idx
+                b = _const_array(add.inputs[other])
+                if b is not None and b.shape == delta.shape:
+                    v = _const(graph, names, f"{layer.name}_bias_corrected", (b + delta).astype(np.float32))
+                    add.replace_input_with(other, v)
+                    entry["bias_corrected"] = True
+
+    # ----------------------------------------------------------------------------------- dynamic
+
+    def _dynamic(self, model: ir.Model, ctx: PassContext, cfg: QuantizeConfig) -> PassResult:
+        if not getattr(ctx.target, "supports_int8", True):
+            raise TargetError(f"quantize: target {_target_name(ctx.target)!r} has no INT8 support; use mode='fp16'")
+        old = _ensure_opset(model, 11)
+        graph = model.graph
+        layers, skipped = _find_layers(graph, cfg)
+        layers = [lay for lay in layers if lay.node.op_type == "MatMul"]
+        if not layers:
+            return PassResult(False, {"mode": cfg.mode, "layers": [], "skipped": skipped})
+        reduce_range = self._reduce_range(cfg, ctx.target)
+        grid = qn.QGrid(8, signed=True, symmetric=True, reduce_range=reduce_range, narrow=True)
+        stats = self._weight_stats(model, layers, ctx, cfg)
+        names = _Names(graph)
+        dql: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        report = []
+        for layer in layers:
+            w = _const_array(layer.w)
+            qw = _quantize_weight(layer, w, grid, cfg, block_size=0, stats=stats.get(layer.name))
+            node = layer.node
+            xname = layer.x.name
+            if xname not in dql:
+                outs = [ir.Value(name=names.new(f"{xname}_{s}")) for s in ("quantized", "scale", "zero_point")]
+                graph.insert_before(
+                    node, ir.node("DynamicQuantizeLinear", [layer.x], outputs=outs, name=names.new(f"{xname}_DynamicQuantizeLinear"))
+                )
+                dql[xname] = (outs[0], outs[1], outs[2])
+            xq, xs, xz = dql[xname]
+            base = layer.w.name or layer.name
+            wq = _const(graph, names, f"{base}_quantized", qw.codes.astype(np.int8))
+            wz = _const(graph, names, f"{base}_zero_point", np.zeros_like(np.atleast_1d(qw.zp), dtype=np.int8))
+            ws = _const(graph, names, f"{base}_scale", np.atleast_1d(qw.scale).astype(np.float32))
+            yi = ir.Value(name=names.new(f"{node.outputs[0].name}_int32"))
+            yf = ir.Value(name=names.new(f"{node.outputs[0].name}_float"))
+            sc = ir.Value(name=names.new(f"{node.outputs[0].name}_scale"))
+            out = node.outputs[0]
+            y = ir.Value(name=names.new(f"{out.name}_dynq"))
+            new = [
+                ir.node("MatMulInteger", [xq, wq, xz, wz], outputs=[yi], name=names.new(f"{layer.name}_MatMulInteger")),
+                ir.node("Cast", [yi], {"to": ir.DataType.FLOAT}, outputs=[yf], name=names.new(f"{layer.name}_Cast")),
+                ir.node("Mul", [xs, ws], outputs=[sc], name=names.new(f"{layer.name}_scale_Mul")),
+                ir.node("Mul", [yf, sc], outputs=[y], name=names.new(f"{layer.name}_output_Mul")),
+            ]
+            graph.insert_after(node, new)
+            _replace_value(graph, out, y)
+            graph.remove(node, safe=True)
+            entry = {"node": layer.name, "weight_sqnr_db": _r(qn.sqnr_db(w, qw.w_hat))}
+            if cfg.bias_correction:
+                self._apply_bias_correction(graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry)
+            report.append(entry)
+        _remove_unused_initializers(graph)
+        graph.sort()
+        return PassResult(
+            True,
+            {"mode": cfg.mode, "reduce_range": reduce_range, "opset_converted_from": old, "layers": report, "skipped": skipped},
+        )
+
+    # ------------------------------------------------------------------------------- static int8
+
+    def _static(self, model: ir.Model, ctx: PassContext, cfg: QuantizeConfig) -> PassResult:
+        from onnxcomp.passes.quantize_static import quantize_static_qdq
+
+        target = ctx.target
+        if target is not None and not getattr(target, "supports_int8", True):
+            raise TargetError(
+                f"quantize: target {_target_name(target)!r} has no INT8 support, so static int8 QDQ cannot run "
+                "there; use mode='fp16' (or weight-only)"
+            )
+        self._needs_data(ctx, "static int8")
+        act = cfg.activation_type
+        if act == "auto":
+            act = str(getattr(target, "activation_dtype", "uint8") or "uint8") if target is not None else "uint8"
+            if act not in _QTYPES:
+                act = "uint8"
+        return quantize_static_qdq(model, ctx, cfg, activation_type=act, reduce_range=self._reduce_range(cfg, target))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _r(x: float) -> float | None:
+    return None if not math.isfinite(x) else round(x, 2)
+
+
+def _bits_of(dtype: ir.DataType) -> int:
+    return {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}.get(dtype, 16)
+
+
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Make every consumer (and graph output slot) of ``old`` use ``new``; ``new`` takes the output name."""
+    was_output = old.is_graph_output()
+    name, shape, typ = old.name, old.shape, old.type
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output:
+        old.name = name + "_replaced"
+        new.name = name
+        new.shape = new.shape or shape
+        new.type = new.type or typ
+
+
+def _remove_unused_initializers(graph: ir.Graph) -> None:
+    for name in list(graph.initializers):
+        v = graph.initializers[name]
+        if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+            del graph.initializers[name]

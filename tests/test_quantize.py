@@ -1,0 +1,368 @@
+"""The ``quantize`` pass on tiny models built from ONNX text, checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from onnxcomp.errors import CalibrationError, RecipeError, TargetError
+from onnxcomp.ort_session import session_from_model, session_options
+from onnxcomp.pass_base import PassContext, create_pass
+from onnxcomp.passes import quant_numerics as qn
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name: str, a: np.ndarray) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(a.astype(np.float32), name)
+
+
+def cnn() -> ir.Model:
+    """Conv-Relu-MaxPool-Conv(+Relu)-Add(residual)-GlobalAveragePool-Flatten-Gemm (fixed weights)."""
+    rng = np.random.default_rng(10)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 3, 16, 16] x) => (float[N, 10] y) {
+        c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r1 = Relu (c1)
+        p1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)
+        c2 = Conv <pads = [1, 1, 1, 1]> (p1, w2, b2)
+        r2 = Relu (c2)
+        s = Add (r2, p1)
+        gp = GlobalAveragePool (s)
+        f = Flatten (gp)
+        y = Gemm <transB = 1> (f, w3, b3)
+    }
+    """
+    m = onnx.parser.parse_model(text)
+    m.graph.initializer.extend(
+        [
+            _init("w1", rng.normal(0, 0.3, (8, 3, 3, 3))),
+            _init("b1", rng.normal(0, 0.1, 8)),
+            _init("w2", rng.normal(0, 0.2, (8, 8, 3, 3))),
+            _init("b2", rng.normal(0, 0.1, 8)),
+            _init("w3", rng.normal(0, 0.5, (10, 8))),
+            _init("b3", rng.normal(0, 0.1, 10)),
+        ]
+    )
+    return ir.from_proto(m)
+
+
+def mlp(k: int = 32, n: int = 48, out: int = 16) -> ir.Model:
+    rng = np.random.default_rng(11)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, T, {k}] x) => (float[B, T, {out}] y) {{
+        h = MatMul (x, w1)
+        hb = Add (h, b1)
+        a = Relu (hb)
+        y = MatMul (a, w2)
+    }}
+    """
+    m = onnx.parser.parse_model(text)
+    m.graph.initializer.extend(
+        [_init("w1", rng.normal(0, 0.3, (k, n))), _init("b1", rng.normal(0, 0.1, n)), _init("w2", rng.normal(0, 0.3, (n, out)))]
+    )
+    return ir.from_proto(m)
+
+
+def image_samples(n: int = 16, batch: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.uniform(-1, 2, (batch, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def token_samples(n: int = 16, k: int = 32) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    mix = rng.normal(size=(k, k)) / np.sqrt(k)
+    return [{"x": (rng.normal(size=(1, 8, k)) @ mix).astype(np.float32)} for _ in range(n)]
+
+
+def run(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> np.ndarray:
+    s = session_from_model(model)
+    return np.concatenate([s.run(None, x)[0] for x in samples])
+
+
+def quantize(model: ir.Model, samples: list[dict[str, np.ndarray]] | None = None, target=None, **opts):
+    ctx = PassContext(calibration=(lambda: iter(samples)) if samples is not None else None, target=target)
+    return create_pass("quantize", opts).run(model, ctx)
+
+
+def optimized_ops(model: ir.Model, tmp_path: Path) -> Counter:
+    so = session_options(threads=1)
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+# ------------------------------------------------------------------------------------- static int8
+
+
+def test_static_int8_cnn_structure_numbers_and_ort_fusion(tmp_path: Path) -> None:
+    calib, held = image_samples(16), image_samples(24)[16:]
+    ref = run(cnn(), held)
+    m = cnn()
+    res = quantize(m, calib, reduce_range=True)
+    assert res.changed
+    d = res.details
+    assert d["activation_type"] == "uint8" and d["folded_activations"] == 2
+    ops = Counter(n.op_type for n in m.graph)
+    assert ops["Relu"] == 0  # folded into the following quantizers
+    assert ops["Conv"] == 2 and ops["Gemm"] == 1
+    # weights: int8 per-channel on the right axis; biases int32 with s_b = s_x * s_w
+    dqs = {n.inputs[0].name: n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer()}
+    w1 = next(n for k, n in dqs.items() if k.startswith("w1"))
+    assert w1.inputs[0].const_value.dtype == ir.DataType.INT8
+    assert w1.attributes["axis"].value == 0 and w1.inputs[1].const_value.numpy().shape == (8,)
+    w3 = next(n for k, n in dqs.items() if k.startswith("w3"))  # Gemm transB=1 -> rows are output channels
+    assert w3.attributes["axis"].value == 0 and w3.inputs[1].const_value.numpy().shape == (10,)
+    biases = [n for n in dqs.values() if n.inputs[0].const_value.dtype == ir.DataType.INT32]
+    assert len(biases) == 3
+    b1 = next(n for n in biases if n.outputs[0].name.startswith("c1"))
+    x_scale = next(n for n in m.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x").inputs[1]
+    s_b = b1.inputs[1].const_value.numpy()
+    assert np.allclose(s_b, float(x_scale.const_value.numpy()) * w1.inputs[1].const_value.numpy())
+    # reduce_range: 7-bit weights
+    assert np.abs(w1.inputs[0].const_value.numpy()).max() <= 63
+    out = run(m, held)
+    assert cosine(out, ref) > 0.995
+    assert np.mean(out.argmax(1) == ref.argmax(1)) >= 0.85
+    fused = optimized_ops(m, tmp_path)
+    assert fused["QLinearConv"] == 2, fused
+    assert fused["Conv"] == 0
+
+
+def test_static_int8_matmul_fuses_to_integer_kernels(tmp_path: Path) -> None:
+    calib = token_samples(8)
+    ref = run(mlp(), calib)
+    m = mlp()
+    quantize(m, calib, activation_type="uint8")
+    w = [n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w1")][0]
+    assert w.attributes["axis"].value == 1  # MatMul: per output column of W[K, N]
+    assert cosine(run(m, calib), ref) > 0.99
+    fused = optimized_ops(m, tmp_path)
+    assert fused["QLinearMatMul"] + fused["MatMulIntegerToFloat"] + fused["MatMulInteger"] >= 2, fused
+
+
+def test_static_int8_s8s8_symmetric_and_16bit_activations() -> None:
+    calib = image_samples(8)
+    ref = run(cnn(), calib)
+    m = cnn()
+    d = quantize(m, calib, activation_type="int8", symmetric_activations=True).details
+    assert d["activation_type"] == "int8" and d["folded_activations"] == 0
+    q = [n for n in m.graph if n.op_type == "QuantizeLinear"]
+    assert all(n.inputs[2].const_value.dtype == ir.DataType.INT8 for n in q)
+    assert all(int(n.inputs[2].const_value.numpy()) == 0 for n in q)
+    assert cosine(run(m, calib), ref) > 0.99
+    m16 = cnn()
+    quantize(m16, calib, activation_type="uint16")
+    assert m16.opset_imports[""] >= 21
+    assert cosine(run(m16, calib), ref) > cosine(run(m, calib), ref)
+
+
+def test_static_int8_needs_data_and_refuses_target_without_int8() -> None:
+    with pytest.raises(CalibrationError, match="calibration data"):
+        quantize(cnn(), None)
+    tx2 = SimpleNamespace(name="jetson-tx2", supports_int8=False)
+    with pytest.raises(TargetError, match="jetson-tx2.*no INT8"):
+        quantize(cnn(), image_samples(2), target=tx2)
+    with pytest.raises(TargetError, match="no INT8"):
+        quantize(cnn(), image_samples(2), target=tx2, mode="dynamic")
+
+
+def test_target_chooses_activation_type_and_reduce_range() -> None:
+    vnni = SimpleNamespace(name="x86-vnni", supports_int8=True, reduce_range=False, activation_dtype="int8")
+    m = cnn()
+    d = quantize(m, image_samples(4), target=vnni).details
+    assert d["reduce_range"] is False and d["activation_type"] == "int8"
+
+
+def test_exclusions_and_automatic_fallback() -> None:
+    calib = image_samples(8)
+    m = cnn()
+    d = quantize(m, calib, exclude_op_types=["Gemm"]).details
+    assert [lay["node"] for lay in d["layers"]] and all(lay["op"] == "Conv" for lay in d["layers"])
+    assert {"node": "Gemm", "reason": "excluded"} in d["skipped"] or any(s["reason"] == "excluded" for s in d["skipped"])
+    # fallback: an SQNR threshold above what 8 bits reach on every layer keeps them all float
+    m2 = cnn()
+    d2 = quantize(m2, calib, fallback_sqnr_db=80.0).details
+    assert len(d2["fallback"]) == 3 and all(f["sqnr_db"] < 80 for f in d2["fallback"])
+    assert not any(n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w") for n in m2.graph)
+    # a realistic threshold keeps everything quantized and reports each layer's SQNR
+    d3 = quantize(cnn(), calib, fallback_sqnr_db=15.0).details
+    assert d3["fallback"] == [] and all(lay["layer_sqnr_db"] > 15 for lay in d3["layers"])
+
+
+def test_bias_correction_and_gptq_static_do_not_hurt() -> None:
+    calib, held = image_samples(16), image_samples(24)[16:]
+    ref = run(cnn(), held)
+    base = cnn()
+    quantize(base, calib)
+    bc = cnn()
+    d = quantize(bc, calib, bias_correction=True, method="gptq").details
+    assert any(lay.get("bias_corrected") for lay in d["layers"])
+    assert qn.sqnr_db(ref, run(bc, held)) > qn.sqnr_db(ref, run(base, held)) - 1.0
+
+
+# ------------------------------------------------------------------------------------ weight-only
+
+
+def test_weight_only_int4_blockwise_opset21_packed() -> None:
+    m = mlp()
+    w1 = m.graph.initializers["w1"].const_value.numpy().copy()
+    d = quantize(m, None, mode="weight-only", bits=4, block_size=16).details
+    assert m.opset_imports[""] == 21
+    dq = [n for n in m.graph if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2
+    n1 = next(n for n in dq if n.inputs[0].name.startswith("w1"))
+    assert n1.inputs[0].const_value.dtype == ir.DataType.INT4
+    assert n1.attributes["block_size"].value == 16 and n1.attributes["axis"].value == 0
+    assert n1.inputs[1].const_value.numpy().shape == (2, 48)
+    # packed storage: two codes per byte
+    assert len(n1.inputs[0].const_value.tobytes()) == w1.size // 2
+    # numbers: ONNX Runtime's dequantized weight equals the numpy grid
+    grid = qn.QGrid(4, signed=True, symmetric=True)
+    s, z = qn.block_params(w1, 0, 16, grid)
+    want = qn.fake_quantize(w1, qn.expand_blocks(s, 0, 16, 32), qn.expand_blocks(z, 0, 16, 32), grid)
+    got = session_from_model(m, extra_outputs=[n1.outputs[0].name]).run([n1.outputs[0].name], token_samples(1)[0])[0]
+    assert np.allclose(got, want, atol=1e-6)
+    assert d["weight_bytes_after"] < d["weight_bytes_before"] / 5
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_grids_in_4bit_containers(bits: int) -> None:
+    m = mlp()
+    quantize(m, None, mode="weight-only", bits=bits)
+    codes = [n.inputs[0].const_value for n in m.graph if n.op_type == "DequantizeLinear"]
+    assert all(c.dtype == ir.DataType.INT4 for c in codes)
+    lo, hi = qn.int_range(bits, signed=True)
+    assert all(lo <= int(c.numpy().min()) and int(c.numpy().max()) <= hi for c in codes)
+
+
+def test_seed_uniform_reproduces_seed_003_grid_exactly() -> None:
+    for bits in (3, 5, 8, 12, 16):
+        m = mlp()
+        w2 = m.graph.initializers["w2"].const_value.numpy().copy()
+        quantize(m, None, mode="weight-only", method="seed-uniform", bits=bits)
+        n = next(n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w2"))
+        q = float(np.abs(w2).max()) / (2 ** (bits - 1) - 1)
+        assert float(n.inputs[1].const_value.numpy()) == pytest.approx(q, rel=1e-6)
+        got = session_from_model(m, extra_outputs=[n.outputs[0].name]).run([n.outputs[0].name], token_samples(1)[0])[0]
+        want = np.rint(w2.astype(np.float64) / np.float32(q)) * np.float32(q)
+        assert np.allclose(got, want, atol=1e-6), bits
+
+
+def test_weight_only_16_bit_fp16_and_int16() -> None:
+    x = token_samples(2)
+    ref = run(mlp(), x)
+    m = mlp()
+    quantize(m, None, mode="weight-only", bits=16)
+    assert any(v.const_value.dtype == ir.DataType.FLOAT16 for v in m.graph.initializers.values())
+    assert np.allclose(run(m, x), ref, atol=1e-2)
+    m2 = mlp()
+    quantize(m2, None, mode="weight-only", bits=16, sixteen_bit="int16")
+    assert any(v.const_value.dtype == ir.DataType.INT16 for v in m2.graph.initializers.values())
+    assert np.allclose(run(m2, x), ref, atol=1e-3)
+
+
+def test_gptq_beats_round_to_nearest_on_outputs() -> None:
+    """3-bit weights, correlated activations: GPTQ's output SQNR gain over round-to-nearest (measured)."""
+    calib, held = token_samples(32), token_samples(40)[32:]
+    ref = run(mlp(), held)
+    rtn, gptq = mlp(), mlp()
+    quantize(rtn, calib, mode="weight-only", bits=3)
+    quantize(gptq, calib, mode="weight-only", bits=3, method="gptq")
+    s_rtn, s_gptq = qn.sqnr_db(ref, run(rtn, held)), qn.sqnr_db(ref, run(gptq, held))
+    assert s_gptq > s_rtn + 1.0, (s_rtn, s_gptq)
+
+
+def test_weight_only_bias_correction_shifts_following_add() -> None:
+    calib = [{"x": s["x"] + 2.0} for s in token_samples(16)]  # non-zero input mean
+    ref = run(mlp(), calib)
+    plain, bc = mlp(), mlp()
+    quantize(plain, calib, mode="weight-only", bits=3)
+    d = quantize(bc, calib, mode="weight-only", bits=3, bias_correction=True).details
+    assert d["layers"][0].get("bias_corrected")
+    err = lambda m: np.abs((run(m, calib) - ref).mean(axis=(0, 1))).mean()  # noqa: E731
+    assert err(bc) < err(plain)
+
+
+def test_matmul_nbits_matches_blockwise_dequantize() -> None:
+    x = token_samples(4, k=64)
+    dq, nb = mlp(k=64), mlp(k=64)
+    quantize(dq, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=False)
+    quantize(nb, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=False, matmul_nbits=True)
+    assert Counter(n.op_type for n in nb.graph)["MatMulNBits"] == 2
+    assert np.allclose(run(nb, x), run(dq, x), atol=1e-4)
+    sym = mlp(k=64)
+    quantize(sym, None, mode="weight-only", bits=4, block_size=32, matmul_nbits=True)
+    assert cosine(run(sym, x), run(mlp(k=64), x)) > 0.98
+
+
+# ---------------------------------------------------------------------------------- dynamic, fp16
+
+
+def test_dynamic_fuses_to_dynamic_quantize_matmul(tmp_path: Path) -> None:
+    x = token_samples(4)
+    ref = run(mlp(), x)
+    m = mlp()
+    d = quantize(m, None, mode="dynamic").details
+    assert len(d["layers"]) == 2
+    assert Counter(n.op_type for n in m.graph)["MatMulInteger"] == 2
+    assert cosine(run(m, x), ref) > 0.999
+    fused = optimized_ops(m, tmp_path)
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 2, fused
+
+
+def test_fp16_keeps_io_types_and_numbers() -> None:
+    x = image_samples(2)
+    ref = run(cnn(), x)
+    m = cnn()
+    quantize(m, None, mode="fp16")
+    assert m.graph.inputs[0].dtype == ir.DataType.FLOAT and m.graph.outputs[0].dtype == ir.DataType.FLOAT
+    assert all(v.const_value.dtype != ir.DataType.FLOAT for v in m.graph.initializers.values())
+    assert np.allclose(run(m, x), ref, atol=2e-2)
+    m2 = cnn()
+    create_pass("fp16", {"keep_io_types": False, "keep_ops": ["Gemm"]}).run(m2, PassContext())
+    assert m2.graph.inputs[0].dtype == ir.DataType.FLOAT16
+    gemm = next(n for n in m2.graph if n.op_type == "Gemm")
+    assert gemm.inputs[1].dtype == ir.DataType.FLOAT
+    out = session_from_model(m2).run(None, {"x": x[0]["x"].astype(np.float16)})[0]
+    assert out.dtype == np.float16 and np.allclose(out, ref[:1], atol=5e-2)
+
+
+def test_config_validation_errors() -> None:
+    with pytest.raises(RecipeError, match="bits"):
+        create_pass("quantize", {"mode": "weight-only", "bits": 12})
+    with pytest.raises(RecipeError, match="mode"):
+        create_pass("quantize", {"mode": "int3"})
+    with pytest.raises(RecipeError, match="matmul_nbits"):
+        create_pass("quantize", {"mode": "weight-only", "bits": 8, "matmul_nbits": True})
+
+
+def test_old_opset_ir3_model_is_converted() -> None:
+    text = """
+    <ir_version: 3, opset_import: ["" : 8]>
+    g (float[1, 8] x, float[8, 6] w) => (float[1, 6] y) {
+        y = MatMul (x, w)
+    }
+    """
+    p = onnx.parser.parse_model(text)
+    p.graph.initializer.append(_init("w", RNG.normal(size=(8, 6))))
+    m = ir.from_proto(p)
+    x = [{"x": RNG.normal(size=(1, 8)).astype(np.float32)} for _ in range(4)]
+    ref = run(ir.from_proto(p), x)
+    d = quantize(m, x).details
+    assert d["opset_converted_from"] == 8 and m.opset_imports[""] >= 13
+    assert [v.name for v in m.graph.inputs] == ["x"]
+    assert cosine(run(m, x), ref) > 0.99
