@@ -292,6 +292,12 @@ def optimize(
             warnings.append(
                 "verified on synthetic inputs only; pass --calib DATA for a meaningful fidelity check"
             )
+        latency = verification_dict.get("latency") or {}
+        if latency.get("slower"):
+            warnings.append(
+                f"the optimized model ran {latency['ratio']:.2f}x the original's latency in a quick check on this host "
+                "(confirm with `onnxcomp profile ORIGINAL OPTIMIZED`; consider a recipe for your target)"
+            )
         result_report["warnings"] = warnings
         if report_path is not None:
             _write_json_atomic(Path(report_path), result_report)

@@ -19,7 +19,7 @@ def default_recipe_data(*, calibrated: bool, target: str | None = None) -> dict[
     passes: list[dict[str, Any]] = [{"name": "cleanup"}]
     data: dict[str, Any] = {"description": "default: lossless cleanup"}
     if calibrated and "quantize" in available_passes():
-        passes.append({"name": "quantize", "mode": "static-int8", "fallback": True})
+        passes.append({"name": "quantize", "mode": "static-int8", "fallback_sqnr_db": 15.0})
         data["description"] = "default with calibration data: cleanup + static int8 QDQ with float fallback"
     data["passes"] = passes
     return data

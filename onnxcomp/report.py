@@ -94,6 +94,13 @@ def print_optimize_report(report: dict[str, Any], console: Console | None = None
         for r in rows["fidelity"]:
             t.add_row(*r)
         console.print(t)
+    lat = ver.get("latency") or {}
+    if lat:
+        flag = "  [red]SLOWER than the original[/red]" if lat.get("slower") else ""
+        console.print(
+            f"latency (median of {lat['runs']} interleaved runs, {lat['threads']} threads): "
+            f"{lat['original_ms_p50']:.3f} ms → {lat['optimized_ms_p50']:.3f} ms ({lat['ratio']:.2f}x){flag}"
+        )
     out = report["output"]
     where = out["path"] or "(not written)"
     ratio = report.get("size_ratio")

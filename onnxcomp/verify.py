@@ -88,6 +88,7 @@ class VerificationResult:
     data_source: str
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:
@@ -102,6 +103,7 @@ class VerificationResult:
             "data_source": self.data_source,
             "outputs": {k: {m: clean(x) for m, x in v.items()} for k, v in self.outputs.items()},
             "failures": self.failures,
+            "latency": self.latency,
         }
 
 
@@ -156,9 +158,12 @@ def verify_model(
     accs = {name: FidelityAccumulator() for name in ref_outs}
     allclose = dict.fromkeys(ref_outs, True)
     count = 0
+    first_sample: dict[str, np.ndarray] | None = None
     for sample in samples:
         if count >= config.samples:
             break
+        if first_sample is None:
+            first_sample = sample
         try:
             ref_values = ref_sess.run(None, sample)
         except Exception as exc:
@@ -215,4 +220,51 @@ def verify_model(
                 failures.append(
                     f"output {name!r} top-1 agreement {top1:.3f} < verify.min_top1_agreement={config.min_top1_agreement}"
                 )
-    return VerificationResult(not failures, lossless, count, data_source, outputs, failures)
+    latency = measure_latency(ref_sess, cand_sess, first_sample) if first_sample is not None else {}
+    if config.max_slowdown is not None and latency and latency["ratio"] > config.max_slowdown:
+        failures.append(
+            f"the optimized model is {latency['ratio']:.2f}x the original's latency > verify.max_slowdown={config.max_slowdown}"
+        )
+    return VerificationResult(not failures, lossless, count, data_source, outputs, failures, latency)
+
+
+def measure_latency(
+    ref_sess: ort.InferenceSession,
+    cand_sess: ort.InferenceSession,
+    sample: dict[str, np.ndarray],
+    *,
+    budget_s: float = 2.0,
+    min_runs: int = 10,
+    max_runs: int = 200,
+) -> dict[str, Any]:
+    """Interleaved batch-as-given latency of both sessions on one sample: medians and their ratio.
+
+    A quick check, not a benchmark (use ``onnxcomp profile`` for that): ``slower`` is set when the
+    candidate's median exceeds the original's by more than 5 %.
+    """
+    import time
+
+    ref_sess.run(None, sample)
+    cand_sess.run(None, sample)
+    ref_t: list[float] = []
+    cand_t: list[float] = []
+    started = time.perf_counter()
+    while len(ref_t) < max_runs and (len(ref_t) < min_runs or time.perf_counter() - started < budget_s):
+        t0 = time.perf_counter()
+        ref_sess.run(None, sample)
+        t1 = time.perf_counter()
+        cand_sess.run(None, sample)
+        t2 = time.perf_counter()
+        ref_t.append(t1 - t0)
+        cand_t.append(t2 - t1)
+    ref_ms = float(np.median(ref_t)) * 1e3
+    cand_ms = float(np.median(cand_t)) * 1e3
+    ratio = cand_ms / ref_ms if ref_ms > 0 else float("nan")
+    return {
+        "runs": len(ref_t),
+        "original_ms_p50": round(ref_ms, 4),
+        "optimized_ms_p50": round(cand_ms, 4),
+        "ratio": round(ratio, 4),
+        "slower": bool(ratio > 1.05),
+        "threads": 2,
+    }
