@@ -181,6 +181,18 @@ def _run(tool: str, model: str, method: str, n: int, folder: Path, mem_gb: float
     return json.loads(out.read_text())
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median wall time and peak RSS over repeated runs (an error if any run failed)."""
+    errors = [r for r in runs if "error" in r]
+    if errors:
+        return errors[0]
+    out = dict(runs[0])
+    for key in ("wall_s", "peak_rss_mb", "base_rss_mb"):
+        out[key] = float(np.median([r[key] for r in runs]))
+    out["runs"] = len(runs)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -188,6 +200,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["mnist", "open-nsfw"], action="append")
     ap.add_argument("--ort-mem-gb", type=float, default=6.0, help="address-space cap of each ORT run")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per side-by-side cell (median)")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -198,7 +211,7 @@ def main() -> None:
     plan = {
         # model: (methods, sample counts for both tools, extra counts for onnxcomp only)
         "mnist": (["minmax", "entropy", "percentile"], [100, 1000], [5000]),
-        "open-nsfw": (["minmax", "entropy", "percentile"], [4, 12], [40]),
+        "open-nsfw": (["minmax", "entropy", "percentile"], [4, 8], [24]),
     }
     models = args.model or list(plan)
     rows: list[dict[str, Any]] = []
@@ -209,21 +222,22 @@ def main() -> None:
             for method in methods:
                 for n in counts + more:
                     tools = ["onnxcomp", "onnxruntime"] if n in counts else ["onnxcomp"]
-                    res = {}
-                    for tool in tools:  # side by side: one after the other, same data
-                        res[tool] = _run(
-                            tool, model, method, n, folder, args.ort_mem_gb if tool == "onnxruntime" else None
-                        )
-                        r = res[tool]
-                        print(f"# {model} {method} N={n} {tool}: "
-                              + (r.get("error") or f"{r['wall_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB"),
-                              file=sys.stderr)  # fmt: skip
+                    runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
+                    for _ in range(args.repeat if n in counts else 1):
+                        for tool in tools:  # interleaved: ours, ORT, ours, ORT, ... on the same data
+                            cap = args.ort_mem_gb if tool == "onnxruntime" else None
+                            r = _run(tool, model, method, n, folder, cap)
+                            runs[tool].append(r)
+                            msg = r.get("error") or f"{r['wall_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB"
+                            print(f"# {model} {method} N={n} {tool}: {msg}", file=sys.stderr)
+                    res = {tool: _median_run(rs) for tool, rs in runs.items()}
                     row: dict[str, Any] = {"model": model, "method": method, "samples": n}
                     for tool, r in res.items():
                         if "error" in r:
                             row[tool] = {"error": r["error"]}
                             continue
                         row[tool] = {
+                            "runs": r.get("runs", 1),
                             "wall_s": round(r["wall_s"], 3),
                             "peak_rss_mb": round(r["peak_rss_mb"], 1),
                             "rss_growth_mb": round(r["peak_rss_mb"] - r["base_rss_mb"], 1),

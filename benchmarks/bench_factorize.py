@@ -39,6 +39,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from onnxcomp.passes import lowrank as lr
+from onnxcomp.passes.factorize import GRAM_CACHE_KEY
 
 from onnxcomp.model_io import load_model
 from onnxcomp.ort_session import session_options
@@ -87,9 +88,12 @@ def _compress(
     path_or_model: Path | Callable[[], ir.Model],
     options: dict[str, Any],
     calibration: Sequence[Sample] | None,
+    shared: dict[str, Any],
 ) -> tuple[ir.Model, dict[str, Any], float]:
     model = load_model(path_or_model) if isinstance(path_or_model, Path) else path_or_model()
-    ctx = PassContext(calibration=(lambda: iter(calibration)) if calibration is not None else None)
+    ctx = PassContext(
+        calibration=(lambda: iter(calibration)) if calibration is not None else None, shared=shared
+    )
     started = time.perf_counter()
     details = create_pass("factorize", options).run(model, ctx).details
     return model, details, time.perf_counter() - started
@@ -146,6 +150,7 @@ def _sweep(
     sessions = {"original": _session(original, threads)}
     rows: list[dict[str, Any]] = [{"variant": "original", "method": "-", "target_ratio": 1.0, "ratio": 1.0}]
     rows[0].update(evaluate(sessions["original"]))
+    shared: dict[str, Any] = {GRAM_CACHE_KEY: {}}  # activation statistics gathered once per model
     for method in methods:
         for ratio in ratios:
             opts = {
@@ -155,7 +160,9 @@ def _sweep(
                 "ratio_scope": "model",
                 "param_ratio": ratio,
             }
-            model, details, secs = _compress(source, opts, calibration if "whiten" in method else None)
+            model, details, secs = _compress(
+                source, opts, calibration if "whiten" in method else None, shared
+            )
             key = f"{method}@{ratio}"
             sessions[key] = _session(model, threads)
             row = {

@@ -235,12 +235,22 @@ def accuracy(
 
 # ------------------------------------------------------------------------------------------------ main
 def main() -> int:
+    import argparse
+    import os
+
     from onnxcomp.targets.profile import ProfileSettings, profile_models, report_to_markdown
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help="ONNX Runtime intra-op threads (default 2)"
+    )
+    parser.add_argument("--quick", action="store_true", help="shorter caps (a smoke run)")
+    args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    quick = "--quick" in sys.argv
+    quick = args.quick
+    load_before = os.getloadavg()
     settings = ProfileSettings(
-        threads=THREADS,
+        threads=args.threads,
         batches=(1, 8),
         max_seconds=3.0 if quick else 8.0,
         op_profile_runs=10 if quick else 30,
@@ -296,14 +306,15 @@ def main() -> int:
                         "energy_mj": m["energy"]["per_inference_mj"],
                         "slower": m["slower_than_baseline"],
                         "top_op": f"{top_op['op_type']} {top_op['percent']:.0f}%" if top_op else None,
+                        "kernel_ms": m.get("kernel_ms_per_run"),
                     }
                 )
             print(report_to_markdown(report), file=sys.stderr)
     header = (
-        "| model | variant | accuracy | size KB | quantize s | p50 ms | p99 ms | ±CI % | p50 vs fp32 | b8 items/s "
+        "| model | variant | accuracy | size KB | quantize s | p50 ms | p99 ms | ±CI % | p50 vs fp32 | kernel ms | b8 items/s "
         "| b8 vs fp32 | peak RSS MB | session s | top op | flag |"
     )
-    lines = [header, "|" + "---|" * 15]
+    lines = [header, "|" + "---|" * 16]
 
     def f(x: Any, spec: str) -> str:
         return "—" if x is None else format(x, spec)
@@ -312,20 +323,25 @@ def main() -> int:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['accuracy']:.4f} ({r['metric']}) | {r['size_kb']:.1f} | "
             f"{r['quantize_s']:.2f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['ci_pct']:.1f} | "
-            f"{f(r['ratio_p50'], '.2f')} | {f(r['tp_b8'], '.1f') if r['tp_b8'] else 'n/a'} | "
+            f"{f(r['ratio_p50'], '.2f')} | {f(r['kernel_ms'], '.3f')} | {f(r['tp_b8'], '.1f') if r['tp_b8'] else 'n/a'} | "
             f"{f(r['ratio_tp_b8'], '.2f')} | {r['peak_rss_mb']:.1f} | {r['session_s']:.3f} | {r['top_op']} | "
             f"{'SLOWER' if r['slower'] else ''} |"
         )
     table = "\n".join(lines)
     energy = next(iter(reports.values()))["energy"]
     print(table)
+    print(
+        f"\nthreads={args.threads}; host {next(iter(reports.values()))['host']['cpu']}, load average "
+        f"{load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} after (2 cores shared with other jobs)"
+    )
     print(f"\nenergy: {'available' if energy['available'] else 'not available: ' + str(energy['reason'])}")
     for n in notes:
         print(f"note: {n}")
     host = next(iter(reports.values()))["host"]
     out = {
         "host": host,
-        "threads": THREADS,
+        "threads": args.threads,
+        "loadavg_before": list(load_before),
         "rows": rows,
         "notes": notes,
         "table": table,
@@ -334,13 +350,14 @@ def main() -> int:
             for k, v in reports.items()
         },
     }
-    (RESULTS / "profile.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    suffix = "" if args.threads == THREADS else f"-t{args.threads}"
+    (RESULTS / f"profile{suffix}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     try:
         from onnxcomp.targets.plots import plot_report
 
         for name, report in reports.items():
             accs = {f"{r['model']}/{r['variant']}": r["accuracy"] for r in rows if r["model"] == name}
-            plot_report(report, RESULTS / f"profile-{name}", accuracy=accs)
+            plot_report(report, RESULTS / f"profile{suffix}-{name}", accuracy=accs)
     except Exception as exc:  # plots are optional
         print(f"note: plots not written ({exc})")
     return 0

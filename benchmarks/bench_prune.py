@@ -322,36 +322,50 @@ def structured_part() -> dict[str, Any]:
     from onnxcomp.zoo_fetch import pypi_model
 
     files, labels = imagenet100()
-    sq_x = images(files)
     photos = calib_photos()
-    face_x = images(photos, size=320, mean=False)  # yunet: raw BGR 0..255, 320x320
-    nsfw_x = images(files[:40], layout="NHWC")
-    specs: dict[str, tuple[Callable[[], ir.Model], np.ndarray, str]] = {
-        "squeezenet-fp32": (squeezenet_fp32, sq_x, "classifier"),
-        "yunet-n": (lambda: load_model(ZOO / "yunet-n" / "yunet_n_320_320.onnx"), face_x, "detector"),
-        "open-nsfw": (lambda: load_model(pypi_model(*NSFW)), nsfw_x, "classifier"),
+    sq_x, sq_c = images(files), images(photos)
+    face_x, face_c = images(files[:40], size=320, mean=False), images(photos, size=320, mean=False)
+    nsfw_x, nsfw_c = images(files[:40], layout="NHWC"), images(photos[:4], layout="NHWC")
+    variants_all = [("l1", RATIOS, False), ("activation", (0.1, 0.3), True)]
+    specs: dict[str, tuple[Callable[[], ir.Model], np.ndarray, np.ndarray, str, list[Any]]] = {
+        "squeezenet-fp32": (squeezenet_fp32, sq_x, sq_c, "classifier", variants_all),
+        "yunet-n": (
+            lambda: load_model(ZOO / "yunet-n" / "yunet_n_320_320.onnx"),
+            face_x,
+            face_c,
+            "detector",
+            variants_all,
+        ),
+        "open-nsfw": (
+            lambda: load_model(pypi_model(*NSFW)),
+            nsfw_x,
+            nsfw_c,
+            "classifier",
+            [("l1", RATIOS, False), ("activation", (0.3,), False)],
+        ),
     }
     out: dict[str, Any] = {}
-    for name, (load, x, kind) in specs.items():
+    for name, (load, x, xc, kind, plan) in specs.items():
         base = load()
         ref_outs = _all_outputs(base, x)
         variants: dict[str, ir.Model] = {}
         rows: list[dict[str, Any]] = []
-        for importance in ("l1", "activation"):
-            for ratio in RATIOS:
-                if ratio == 0.0 and importance != "l1":
-                    continue
+        for importance, ratios, refit in plan:
+            for ratio in ratios:
                 model = load()
-                xc = x[: min(8, len(x))]
-                in_name = model.graph.inputs[0].name or ""
+                in_name = next(v.name for v in model.graph.inputs if not v.is_initializer()) or ""
 
                 def calib(xc: np.ndarray = xc, in_name: str = in_name) -> Any:
                     return ({in_name: xc[i : i + 1]} for i in range(len(xc)))
 
                 t0 = time.perf_counter()
-                res = create_pass("prune-channels", {"ratio": ratio, "importance": importance}).run(
-                    model, PassContext(calibration=calib)
-                )
+                opts = {
+                    "ratio": ratio,
+                    "importance": importance,
+                    "refit": refit,
+                    "calibration_samples": len(xc),
+                }
+                res = create_pass("prune-channels", opts).run(model, PassContext(calibration=calib))
                 secs = time.perf_counter() - t0
                 outs = _all_outputs(model, x)
                 fid: dict[str, float] = {
@@ -363,13 +377,14 @@ def structured_part() -> dict[str, Any]:
                     if name == "squeezenet-fp32":
                         fid["top1"] = float(np.mean(p.argmax(1) == labels))
                 raw, z = sizes(model)
-                key = f"{importance}@{ratio}"
+                label = importance + ("+refit" if refit else "")
+                key = f"{label}@{ratio}"
                 if importance == "l1":
                     variants[key] = model
                 d = res.details
                 rows.append(
                     {
-                        "importance": importance, "ratio": ratio, "seconds": secs, **fid,
+                        "importance": label, "ratio": ratio, "seconds": secs, **fid,
                         "params": d["params_after"], "params_before": d["params_before"],
                         "groups_pruned": d["groups_pruned"], "groups": d["groups"], "raw": raw, "deflate": z,
                     }

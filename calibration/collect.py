@@ -127,18 +127,23 @@ def collect_statistics(
     progress: Progress | None = None,
     options: ort.SessionOptions | None = None,
     buffer_bytes: int = 16 << 20,
+    minmax_in_graph: bool = True,
     **opts: Any,
 ) -> dict[str, Observer]:
     """One streaming pass over ``samples``: ``{name: observer}`` fed with every value of each named
     tensor. ``observer`` is ``minmax``, ``percentile``, ``entropy`` or ``mse``; ``opts`` go to it
     (e.g. ``percentile=99.99``). Small samples are pooled up to ``buffer_bytes`` before the observers
-    see them (observers are batch-invariant), so memory stays below ``buffer_bytes`` + one sample."""
+    see them (observers are batch-invariant), so memory stays below ``buffer_bytes`` + one sample.
+    ``minmax`` is reduced inside ONNX Runtime (only scalars leave the session) unless
+    ``minmax_in_graph=False``."""
     names = list(dict.fromkeys(names))
     observers = {name: make_observer(observer, **opts) for name in names}
     if not names:
         return observers
     progress = progress or NullProgress()
-    total = len(samples) if hasattr(samples, "__len__") else None  # type: ignore[arg-type]
+    if observer == "minmax" and minmax_in_graph and not opts:
+        return _collect_minmax_in_graph(model, names, samples, observers, progress=progress, options=options)
+    total = _length(samples)
     seen = 0
     pending: dict[str, list[np.ndarray]] = {name: [] for name in names}
     pending_bytes = 0
@@ -179,3 +184,109 @@ def collect_statistics(
         )
     logger.info("collected %s statistics of %d tensors over %d samples", observer, len(names), seen)
     return observers
+
+
+def _collect_minmax_in_graph(
+    model: ir.Model,
+    names: list[str],
+    samples: Iterable[Mapping[str, np.ndarray]],
+    observers: dict[str, Observer],
+    *,
+    progress: Progress,
+    options: ort.SessionOptions | None,
+) -> dict[str, Observer]:
+    """Min/max reduced inside ONNX Runtime: ``ReduceMin(Cast(x))``, ``ReduceMax(Cast(x))`` and ``Size(x)``
+    per tensor are added to the graph (temporarily), so only scalars leave the session and ORT frees
+    every intermediate as usual. Tensors whose min/max came out NaN/inf on some sample get a second,
+    full-tensor pass (where non-finite values are ignored) so the result equals ``MinMaxObserver``."""
+    run, constants, from_sample = _plan(model, names)
+    graph = model.graph
+    values: dict[str, ir.Value] = {}
+    for node in graph:
+        for out in node.outputs:
+            if out.name in run:
+                values[out.name] = out
+    added: list[ir.Node] = []
+    outputs: dict[str, tuple[str, str, str]] = {}
+    try:
+        for k, name in enumerate(run):
+            value = values[name]
+            cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT.value}, name=f"_onnxcomp_cast_{k}")
+            lo = ir.node("ReduceMin", cast.outputs, {"keepdims": 0}, name=f"_onnxcomp_min_{k}")
+            hi = ir.node("ReduceMax", cast.outputs, {"keepdims": 0}, name=f"_onnxcomp_max_{k}")
+            size = ir.node("Size", [value], name=f"_onnxcomp_size_{k}")
+            for suffix, node in (("cast", cast), ("min", lo), ("max", hi), ("size", size)):
+                node.outputs[0].name = f"_onnxcomp_{suffix}_{k}"
+            added += [cast, lo, hi, size]
+            outputs[name] = (lo.outputs[0].name, hi.outputs[0].name, size.outputs[0].name)
+        graph.extend(added)
+        fetch = [o for triple in outputs.values() for o in triple]
+        session = None
+        if fetch:
+            session = session_from_model(
+                model,
+                extra_outputs=fetch,
+                only_extra_outputs=True,
+                options=options or calibration_session_options(),
+            )
+    finally:
+        for node in reversed(added):
+            if node.graph is graph:
+                graph.remove(node, safe=True)
+    feedable = {i.name for i in session.get_inputs()} if session is not None else set()
+    redo: set[str] = set()
+    seen = 0
+    with progress.task(f"calibrating {len(names)} tensors (minmax)", total=_length(samples)) as step:
+        for index, sample in enumerate(samples):
+            for name in from_sample:
+                if name in sample:
+                    observers[name].update(sample[name])
+                elif name in graph.initializers and graph.initializers[name].const_value is not None:
+                    observers[name].update(graph.initializers[name].const_value.numpy())
+                else:
+                    raise CalibrationError(f"sample {index} has no value for the graph input {name!r}")
+            for name, value in constants.items():
+                observers[name].update(value)
+            if session is not None:
+                feed = {k: v for k, v in sample.items() if k in feedable}
+                try:
+                    result = session.run(fetch, feed)
+                except Exception as exc:  # ORT raises its own exception types
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise CalibrationError(
+                        f"ONNX Runtime failed on calibration sample {index}: {first}"
+                    ) from exc
+                for k, name in enumerate(outputs):
+                    lo, hi, size = float(result[3 * k]), float(result[3 * k + 1]), int(result[3 * k + 2])
+                    if size == 0:
+                        continue
+                    if not (np.isfinite(lo) and np.isfinite(hi)):
+                        redo.add(name)
+                        continue
+                    obs = observers[name]
+                    obs.min, obs.max = min(obs.min, lo), max(obs.max, hi)
+                    obs.count += size
+            seen += 1
+            step(1)
+    if seen == 0:
+        raise CalibrationError("the calibration data yielded no samples")
+    if redo:
+        logger.info("%d tensors had NaN/inf values; collecting them again from full tensors", len(redo))
+        again = collect_statistics(
+            model, sorted(redo), samples, observer="minmax", options=options, minmax_in_graph=False
+        )
+        observers.update(again)
+    empty = [n for n, o in observers.items() if o.count == 0]
+    if empty:
+        raise CalibrationError(
+            f"tensor {empty[0]!r} had no finite values in {seen} calibration samples"
+            + (f" (and {len(empty) - 1} more tensors)" if len(empty) > 1 else "")
+        )
+    return observers
+
+
+def _length(samples: Any) -> int | None:
+    try:
+        return len(samples)
+    except TypeError:
+        return None

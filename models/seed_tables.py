@@ -47,9 +47,12 @@ def tables_markdown(result, *, title: str) -> str:
         "",
         pivot_table(rows, a, b, "packed_bytes", "kb", col_suffix=" bits" if b == "bits" else ""),
     ]
-    errors = [r for r in rows if r.get("error")]
-    if errors:
-        lines += ["", "Points that failed: " + "; ".join(f"{r['label']}: {r['error']}" for r in errors)]
+    errors: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("error"):
+            errors.setdefault(r["error"], []).append(r["label"])
+    for msg, labels in errors.items():
+        lines += ["", f"Failed ({', '.join(labels)}): {msg}"]
     return "\n".join(lines) + "\n"
 
 

@@ -210,7 +210,12 @@ def analyze(model: ir.Model, *, skip: tuple[str, ...] = ()) -> ChannelAnalysis:
         op = node.op_type
         ins = list(node.inputs)
         in_layouts = [lay(v) for v in ins]
-        skip_me = bool(skip) and any(fnmatch.fnmatchcase(name, p) for p in skip)
+        labels = [
+            name,
+            *(v.name or "" for v in node.outputs),
+            *(v.name or "" for v in ins[1:2] if v is not None),
+        ]
+        skip_me = bool(skip) and any(fnmatch.fnmatchcase(lbl, p) for p in skip for lbl in labels if lbl)
         if node.domain not in ("", "ai.onnx"):
             for lo in in_layouts:
                 block(lo, f"{name}: custom-domain op")

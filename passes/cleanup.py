@@ -1,6 +1,6 @@
 """Lossless graph cleanup: normalizes where weights live and removes work that does not change outputs.
 
-Steps (each can be switched off in the recipe), repeated until nothing changes:
+Steps (each can be switched off in the recipe), repeated until nothing changes (``max_rounds``):
 
 * graph inputs that are initializers (IR < 4 exports, some IR 4 ones) become plain initializers
   (IR version raised to 4 when it was lower, as IR 3 requires every initializer to be an input);
@@ -19,7 +19,8 @@ Steps (each can be switched off in the recipe), repeated until nothing changes:
   (same dtype, shape and bytes) are removed.
 
 Nodes of custom domains are never changed or removed. External-data weights that no step changes stay
-memory-mapped: only sampled bytes are read to tell initializers apart.
+memory-mapped: telling initializers apart reads a few sampled bytes with ``pread`` (hashing only
+when the samples agree), never through the memory map.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class CleanupConfig:
     remove_dead: bool = True
     deduplicate_initializers: bool = True
     #: The steps repeat until nothing changes, at most this many times.
-    max_rounds: int = 3
+    max_rounds: int = 4
 
     def __post_init__(self) -> None:
         if self.lift_constants_min_elements < 0:
@@ -256,6 +257,7 @@ class _Cleaner:
         #: Nodes already refused or not evaluable: not evaluated again in later rounds.
         self._unfoldable: set[ir.Node] = set()
         self._evaluator: NodeEvaluator | None = None
+        self._inferred: dict[str, int] | None = None
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -401,16 +403,15 @@ class _Cleaner:
         casts = [n for g in iter_graphs(self.model) for n in g if n.op_type == "Cast" and _is_onnx(n)]
         if not casts:
             return
-        inferred: dict[str, int] | None = None
         for node in casts:
             x = node.inputs[0] if node.inputs else None
             if x is None or "to" not in node.attributes:
                 continue
             source = x.dtype
             if source is None and node.graph is self.model.graph:
-                if inferred is None:
-                    inferred = _inferred_types(self.model)
-                code = inferred.get(x.name or "")
+                if self._inferred is None:  # names minted later never collide with inferred ones
+                    self._inferred = _inferred_types(self.model)
+                code = self._inferred.get(x.name or "")
                 source = ir.DataType(code) if code else None
             if source is not None and int(source) == int(node.attributes["to"].value) and self._bypass(node):
                 self.counts["noop_casts_removed"] += 1

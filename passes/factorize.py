@@ -26,7 +26,7 @@ from onnxcomp.errors import CalibrationError, PassError
 from onnxcomp.model_io import iter_graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
 
-__all__ = ["FactorizeConfig", "FactorizePass", "layer_gram_matrices"]
+__all__ = ["GRAM_CACHE_KEY", "FactorizeConfig", "FactorizePass", "layer_gram_matrices"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ class FactorizeConfig:
     #: ratio rule: kept fraction of the factorized layers' parameters
     param_ratio: float = 0.5
     #: ratio rule: ``layer`` gives every layer the same ratio; ``model`` spends one budget where the
-    #: spectrum (relative energy per parameter) gains most
-    ratio_scope: Literal["layer", "model"] = "layer"
+    #: spectrum gains most (relative energy per parameter); ``equal_error`` spends it so that every
+    #: layer keeps the same fraction of its (whitened) energy
+    ratio_scope: Literal["layer", "model", "equal_error"] = "layer"
     #: EBIC's γ (0 = plain BIC; larger favours smaller ranks)
     ebic_gamma: float = 0.5
     #: fixed rule: the rank of every layer (capped at min(K, N))
@@ -373,6 +374,30 @@ def layer_gram_matrices(
     return used
 
 
+#: Opt-in cache: put a dict under ``ctx.shared[GRAM_CACHE_KEY]`` to reuse the activation statistics
+#: across several factorize runs over copies of the *same* original model (sweeps, benchmarks).
+GRAM_CACHE_KEY = "factorize.gram_cache"
+
+
+def _gram_key(layer: _Layer, cfg: FactorizeConfig) -> tuple[Any, ...]:
+    node = layer.node
+    geometry = tuple(
+        (k, tuple(v) if isinstance(v, (list, tuple)) else v)
+        for k, v in sorted((k, a.value) for k, a in node.attributes.items())
+        if k in ("strides", "pads", "dilations", "auto_pad", "transA")
+    )
+    return (
+        layer.activation,
+        layer.kind,
+        layer.conv_weight_shape[2:],
+        layer.k,
+        geometry,
+        cfg.calibration_samples,
+        cfg.conv_rows_per_sample,
+        cfg.seed,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Rank selection
 
@@ -462,6 +487,35 @@ def _allocate_model_ratio(plans: Sequence[_Plan], cfg: FactorizeConfig) -> None:
         ranks[idx] += 1
         spent += cost
     for p, r in zip(plans, ranks, strict=True):
+        p.rank = max(1, r)
+
+
+def _allocate_equal_error(plans: Sequence[_Plan], cfg: FactorizeConfig) -> None:
+    """The largest common kept-energy fraction ``e`` (bisection) whose per-layer energy ranks fit the
+    budget ``param_ratio · Σ K N``; a layer whose rank would save less than ``min_saving`` costs ``K N``."""
+
+    def ranks_for(e: float) -> tuple[list[int], float]:
+        ranks, cost = [], 0.0
+        for p in plans:
+            k, n = p.layer.k, p.layer.n
+            kept = np.cumsum(p.s**2) / max(p.total, 1e-300)
+            hit = np.nonzero(kept >= e)[0]
+            r = int(hit[0]) + 1 if hit.size else min(k, n)
+            ranks.append(r)
+            cost += r * (k + n) if r * (k + n) <= (1.0 - cfg.min_saving) * k * n else k * n
+        return ranks, cost
+
+    budget = cfg.param_ratio * sum(p.layer.params for p in plans)
+    lo, hi = 0.0, 1.0
+    best = ranks_for(0.0)[0]
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        ranks, cost = ranks_for(mid)
+        if cost <= budget:
+            lo, best = mid, ranks
+        else:
+            hi = mid
+    for p, r in zip(plans, best, strict=True):
         p.rank = max(1, r)
 
 
@@ -657,15 +711,23 @@ class FactorizePass(Pass):
                     "factorize.whiten = 'always' needs calibration samples; add a [calibration] table or set whiten = 'auto'"
                 )
             wl = [layer for layer in layers if layer.kind != "conv_spatial" and layer.activation]
-            with ctx.progress.task("factorize: activation statistics", total=None):
-                used_samples = layer_gram_matrices(
-                    model,
-                    wl,
-                    ctx.calibration_samples(),
-                    max_samples=cfg.calibration_samples,
-                    conv_rows_per_sample=cfg.conv_rows_per_sample,
-                    seed=cfg.seed,
-                )
+            cache = ctx.shared.get(GRAM_CACHE_KEY)
+            keys = {id(layer): _gram_key(layer, cfg) for layer in wl}
+            if isinstance(cache, dict) and wl and all(keys[id(layer)] in cache for layer in wl):
+                for layer in wl:
+                    layer.gram, used_samples = cache[keys[id(layer)]]
+            else:
+                with ctx.progress.task("factorize: activation statistics", total=None):
+                    used_samples = layer_gram_matrices(
+                        model,
+                        wl,
+                        ctx.calibration_samples(),
+                        max_samples=cfg.calibration_samples,
+                        conv_rows_per_sample=cfg.conv_rows_per_sample,
+                        seed=cfg.seed,
+                    )
+                if isinstance(cache, dict):
+                    cache.update({keys[id(layer)]: (layer.gram, used_samples) for layer in wl})
             if wl and used_samples == 0:
                 raise CalibrationError("factorize: the calibration source yielded no samples")
 
@@ -688,6 +750,8 @@ class FactorizePass(Pass):
                 step(1)
         if cfg.rank_rule == "ratio" and cfg.ratio_scope == "model" and plans:
             _allocate_model_ratio(plans, cfg)
+        elif cfg.rank_rule == "ratio" and cfg.ratio_scope == "equal_error" and plans:
+            _allocate_equal_error(plans, cfg)
         else:
             for p in plans:
                 p.rank = _rule_rank(p, cfg)

@@ -83,7 +83,12 @@ def convert_fp16(
         arr = v.const_value.numpy()
         if all(_slot32(u, opset, keep) for u in v.uses()):
             continue
-        v16 = ir.Value(name=new_name(f"{name}_fp16"), const_value=ir.tensor(_to_fp16(arr)), type=ir.TensorType(F16), shape=v.shape)
+        v16 = ir.Value(
+            name=new_name(f"{name}_fp16"),
+            const_value=ir.tensor(_to_fp16(arr)),
+            type=ir.TensorType(F16),
+            shape=v.shape,
+        )
         v16.const_value.name = v16.name
         graph.register_initializer(v16)
         for u in list(v.uses()):
@@ -101,7 +106,11 @@ def convert_fp16(
             t = node.attributes["value"].value
             if t.dtype == F32 and id(node.outputs[0]) not in stay32:
                 node.attributes["value"] = ir.AttrTensor("value", ir.tensor(_to_fp16(t.numpy())))
-        if node.op_type == "Cast" and node.attributes["to"].value == F32 and id(node.outputs[0]) not in stay32:
+        if (
+            node.op_type == "Cast"
+            and node.attributes["to"].value == F32
+            and id(node.outputs[0]) not in stay32
+        ):
             node.attributes["to"] = ir.AttrInt64("to", int(F16))
         if node.op_type == "ConstantOfShape" and "value" in node.attributes:
             t = node.attributes["value"].value
@@ -133,12 +142,16 @@ def convert_fp16(
             if v is None or v.dtype not in (F16, F32):
                 continue
             want32 = node.op_type in keep or not _schema_allows_fp16(node, opset, i, output=False)
-            if want32 and v.dtype == F16 or not want32 and v.dtype == F32 and not (
-                node.op_type in keep
-            ):
+            if (want32 and v.dtype == F16) or (not want32 and v.dtype == F32 and node.op_type not in keep):
                 to = F32 if want32 else F16
-                c = ir.Value(name=new_name(f"{v.name}_{'fp32' if want32 else 'fp16'}"), type=ir.TensorType(to), shape=v.shape)
-                graph.insert_before(node, ir.node("Cast", [v], {"to": int(to)}, outputs=[c], name=new_name(f"{v.name}_Cast")))
+                c = ir.Value(
+                    name=new_name(f"{v.name}_{'fp32' if want32 else 'fp16'}"),
+                    type=ir.TensorType(to),
+                    shape=v.shape,
+                )
+                graph.insert_before(
+                    node, ir.node("Cast", [v], {"to": int(to)}, outputs=[c], name=new_name(f"{v.name}_Cast"))
+                )
                 node.replace_input_with(i, c)
                 casts += 1
     # Graph outputs.

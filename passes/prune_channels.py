@@ -50,6 +50,9 @@ class PruneChannelsConfig:
     #: layer reproduces the original model's (kept) outputs from the pruned model's inputs (needs data)
     refit: bool = False
     damping: float = 0.01
+    #: with calibration data, fold the mean of every removed input channel into the consumer's bias
+    #: (``b += Σ_c E[x_c]·Σ_k W[:, c, k]``), so dropped channels leave their average contribution behind
+    compensate: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -183,6 +186,9 @@ class PruneChannelsPass(Pass):
                 sid = next((sp for sp in group.spaces if sp in kept_by_space), None)
                 if sid is not None:
                     kept_rows[id(node)] = kept_by_space[sid]
+        compensation: list[tuple[ir.Node, np.ndarray]] = []
+        if cfg.compensate and kept_by_space and ctx.calibration is not None:
+            compensation = _compensation(model, analysis, kept_by_space, ctx, cfg.calibration_samples)
         params_before = _param_count(model)
         for edit in analysis.params:
             if not any(seg.space in kept_by_space for seg in edit.segments):
@@ -230,6 +236,7 @@ class PruneChannelsPass(Pass):
                         and any(s.space in kept_by_space for s in lo.segments)
                     ):
                         out.shape = None
+        compensated = _apply_compensation(model, compensation, kept_rows)
         refitted: list[str] = []
         if cfg.refit and kept_by_space:
             refitted = _refit_layers(model, original, kept_rows, ctx, cfg)
@@ -249,6 +256,7 @@ class PruneChannelsPass(Pass):
             "blocked_reasons": dict(reasons.most_common(10)),
             "weights_folded": folded,
             "refitted_layers": refitted,
+            "bias_compensated_layers": compensated,
         }
         return PassResult(changed=bool(kept_by_space) or bool(folded), details=details)
 
@@ -340,4 +348,93 @@ def _refit_layers(
             layer.weight.const_value = ir.tensor(np.ascontiguousarray(w_new), name=layer.weight.name)
             done.append(layer.name)
             step(1)
+    return done
+
+
+def _compensation(
+    model: ir.Model,
+    analysis: cg.ChannelAnalysis,
+    kept_by_space: dict[int, np.ndarray],
+    ctx: PassContext,
+    samples: int,
+) -> list[tuple[ir.Node, np.ndarray]]:
+    """Per consumer node: ``Δb[o] = Σ_{removed j} E[x_j]·Σ_k W[o, j, k]`` (original sizes)."""
+    from onnxcomp.passes.prune import stream_layer_inputs
+
+    edits = [
+        e
+        for e in analysis.params
+        if e.role == "input weight"
+        and e.node is not None
+        and any(s.space in kept_by_space for s in e.segments)
+    ]
+    names = sorted(
+        {e.node.inputs[0].name for e in edits if e.node.inputs[0] is not None and e.node.inputs[0].name}
+    )
+    if not names:
+        return []
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+
+    def limited() -> Any:
+        for i, sample in enumerate(ctx.calibration_samples()):
+            if i >= samples:
+                return
+            yield sample
+
+    for values in stream_layer_inputs(model, names, limited()):
+        for name in names:
+            x = np.asarray(values[name], dtype=np.float64)
+            lo = analysis.layouts.get(name)
+            axis = 1 if lo is None or lo.kind in ("c1", "flat") else x.ndim - 1
+            sums[name] = sums.get(name, 0.0) + np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).mean(axis=1)
+        count += 1
+    if count == 0:
+        return []
+    out: list[tuple[ir.Node, np.ndarray]] = []
+    for e in edits:
+        assert e.node is not None
+        name = e.node.inputs[0].name or ""
+        mean = sums[name] / count
+        kept = _indices(e.segments, kept_by_space, e.block)
+        removed = np.setdiff1d(np.arange(mean.shape[0]), kept)
+        w = np.asarray(e.value.const_value.numpy(), dtype=np.float64)
+        if removed.size == 0 or w.shape[e.axis] != mean.shape[0]:
+            continue
+        wr = np.moveaxis(np.take(w, removed, axis=e.axis), e.axis, 0)  # [removed, ...]
+        if e.node.op_type == "Conv":  # [removed, O, k...] → Σ_k
+            contrib = np.einsum(
+                "r,ro->o", mean[removed], wr.reshape(wr.shape[0], wr.shape[1], -1).sum(axis=2)
+            )
+        else:  # Gemm/MatMul: [removed, out]
+            contrib = mean[removed] @ wr.reshape(wr.shape[0], -1)
+        out.append((e.node, contrib))
+    return out
+
+
+def _apply_compensation(
+    model: ir.Model, compensation: list[tuple[ir.Node, np.ndarray]], kept_rows: dict[int, np.ndarray]
+) -> list[str]:
+    from onnxcomp.passes import prune as up
+
+    done = []
+    for node, delta in compensation:
+        layer = up.Layer(node=node, weight=node.inputs[1], op=node.op_type)
+        if node.op_type == "Gemm":
+            layer.trans_b = bool(node.attributes.get("transB") and node.attributes["transB"].value)
+        rows = kept_rows.get(id(node))
+        if rows is not None:
+            delta = delta[rows]
+        kind, slot = up._bias_slot(layer)
+        if not kind:
+            continue
+        if (
+            kind != "new"
+            and slot is not None
+            and slot.const_value is not None
+            and slot.const_value.numpy().size != delta.size
+        ):
+            continue
+        up._apply_bias(model, layer, kind, slot, delta)
+        done.append(node.name or node.op_type)
     return done

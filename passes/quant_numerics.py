@@ -35,7 +35,9 @@ __all__ = [
 _EPS = np.float32(1e-12)
 
 
-def int_range(bits: int, *, signed: bool, reduce_range: bool = False, narrow: bool = False) -> tuple[int, int]:
+def int_range(
+    bits: int, *, signed: bool, reduce_range: bool = False, narrow: bool = False
+) -> tuple[int, int]:
     """Integer range of a ``bits``-bit grid. ``reduce_range`` drops one bit (x86 without VNNI saturates
     u8·s8 pair sums in 16 bits); ``narrow`` makes a signed grid symmetric (``[-(2^(b-1)-1), 2^(b-1)-1]``)."""
     if not 2 <= bits <= 32:
@@ -239,7 +241,7 @@ def conv_patches(
     ``W.reshape(out, -1)``. ``max_rows`` keeps a random subset of patches (bounded memory)."""
     if x.ndim != 4 or len(kernel) != 2:
         raise ValueError("conv_patches handles 2-D convolutions (NCHW) only")
-    n, c, _, _ = x.shape
+    _n, c, _, _ = x.shape
     kh, kw = kernel
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     dh, dw = dilations

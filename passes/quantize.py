@@ -30,10 +30,10 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnxcomp.passes import quant_numerics as qn
 
 from onnxcomp.errors import CalibrationError, PassError, TargetError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
-from onnxcomp.passes import quant_numerics as qn
 
 __all__ = ["QuantizeConfig", "QuantizePass", "host_reduce_range"]
 
@@ -179,10 +179,14 @@ class _Names:
         return name
 
 
-def _const(graph: ir.Graph, names: _Names, hint: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+def _const(
+    graph: ir.Graph, names: _Names, hint: str, array: np.ndarray, dtype: ir.DataType | None = None
+) -> ir.Value:
     name = names.new(hint)
     tensor = ir.tensor(array, dtype=dtype, name=name)
-    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
+    value = ir.Value(
+        name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape)
+    )
     graph.register_initializer(value)
     return value
 
@@ -270,14 +274,21 @@ def _fold_constants(graph: ir.Graph) -> int:
         if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
             continue
         arrays = [_const_array(v) if v is not None else None for v in node.inputs]
-        if not arrays or arrays[0] is None or any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None):
+        if (
+            not arrays
+            or arrays[0] is None
+            or any(a is None for a, v in zip(arrays, node.inputs, strict=True) if v is not None)
+        ):
             continue
         x = arrays[0]
         op = node.op_type
         try:
             if op == "Reshape":
                 shape = [int(d) for d in arrays[1]]
-                shape = [x.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else d for i, d in enumerate(shape)]
+                shape = [
+                    x.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else d
+                    for i, d in enumerate(shape)
+                ]
                 y = x.reshape(shape)
             elif op == "Transpose":
                 perm = _attr(node, "perm", None)
@@ -303,7 +314,9 @@ def _fold_constants(graph: ir.Graph) -> int:
         if out.is_graph_output():
             continue
         name = out.name
-        value = ir.Value(name=None, const_value=ir.tensor(np.ascontiguousarray(y)), type=out.type, shape=ir.Shape(y.shape))
+        value = ir.Value(
+            name=None, const_value=ir.tensor(np.ascontiguousarray(y)), type=out.type, shape=ir.Shape(y.shape)
+        )
         out.replace_all_uses_with(value)
         graph.remove(node, safe=True)
         value.name = name
@@ -420,8 +433,6 @@ def _find_layers(graph: ir.Graph, cfg: QuantizeConfig) -> tuple[list[_Layer], li
                 skipped.append({"node": node.name or op, "reason": "Gemm with transA=1"})
                 continue
             axis, in_axis = (0, 1) if _attr(node, "transB", 0) else (1, 0)
-            if b is not None and (_const_array(b) is None or _const_array(b).ndim != 1):
-                b = None if _const_array(b) is None else b
         layers.append(_Layer(node, node.inputs[0], w, b, axis, in_axis))
     return layers, skipped
 
@@ -429,7 +440,9 @@ def _find_layers(graph: ir.Graph, cfg: QuantizeConfig) -> tuple[list[_Layer], li
 # ------------------------------------------------------------------------------ calibration helpers
 
 
-def _samples(ctx: PassContext, cfg: QuantizeConfig, model: ir.Model | None = None) -> Iterable[dict[str, np.ndarray]]:
+def _samples(
+    ctx: PassContext, cfg: QuantizeConfig, model: ir.Model | None = None
+) -> Iterable[dict[str, np.ndarray]]:
     """Calibration samples (at most ``max_samples``); with ``model`` given and a symbolic batch
     dimension on every input, consecutive same-shaped samples are concatenated into batches of
     ``calibration_batch`` (ONNX Runtime runs a batch of 8 faster than 8 single runs; the observers are
@@ -585,7 +598,12 @@ def _quantize_weight(
     if cfg.method == "gptq" and stats is not None and stats[0] is not None:
         h = stats[0] / max(stats[2], 1)
         codes_m = qn.gptq_quantize(
-            layer.to_m(w), h, layer.to_m(np.asarray(full_s)), layer.to_m(np.asarray(full_z)), grid, damp=cfg.gptq_damp
+            layer.to_m(w),
+            h,
+            layer.to_m(np.asarray(full_s)),
+            layer.to_m(np.asarray(full_z)),
+            grid,
+            damp=cfg.gptq_damp,
         )
         codes = layer.from_m(codes_m, w.shape)
     else:
@@ -617,7 +635,9 @@ def _container_array(codes: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     return codes.astype(np.int64).astype(np_types[dtype])
 
 
-def _dq_weight(graph: ir.Graph, names: _Names, base: str, qw: _QWeight, dtype: ir.DataType) -> tuple[ir.Value, ir.Node]:
+def _dq_weight(
+    graph: ir.Graph, names: _Names, base: str, qw: _QWeight, dtype: ir.DataType
+) -> tuple[ir.Value, ir.Node]:
     """``DequantizeLinear(W_q, s, z)`` node and its output for a quantized weight."""
     wq = _const(graph, names, f"{base}_quantized", _container_array(qw.codes, dtype), dtype)
     s = _const(graph, names, f"{base}_scale", np.asarray(qw.scale, np.float32))
@@ -628,7 +648,9 @@ def _dq_weight(graph: ir.Graph, names: _Names, base: str, qw: _QWeight, dtype: i
     if qw.block_size:
         attrs["block_size"] = qw.block_size
     out = ir.Value(name=names.new(f"{base}_dequantized"))
-    node = ir.node("DequantizeLinear", [wq, s, z], attrs, outputs=[out], name=names.new(f"{base}_DequantizeLinear"))
+    node = ir.node(
+        "DequantizeLinear", [wq, s, z], attrs, outputs=[out], name=names.new(f"{base}_DequantizeLinear")
+    )
     return out, node
 
 
@@ -654,14 +676,18 @@ class QuantizePass(Pass):
             return self._dynamic(model, ctx, cfg)
         from onnxcomp.passes.fp16 import convert_fp16
 
-        return convert_fp16(model, keep_io_types=cfg.keep_io_types, keep_ops=cfg.fp16_keep_ops, target=ctx.target)
+        return convert_fp16(
+            model, keep_io_types=cfg.keep_io_types, keep_ops=cfg.fp16_keep_ops, target=ctx.target
+        )
 
     # ------------------------------------------------------------------------------------- shared
 
     @staticmethod
     def _needs_data(ctx: PassContext, why: str) -> None:
         if ctx.calibration is None:
-            raise CalibrationError(f"quantize: {why} needs calibration data (give --calib or a [calibration] table)")
+            raise CalibrationError(
+                f"quantize: {why} needs calibration data (give --calib or a [calibration] table)"
+            )
 
     @staticmethod
     def _reduce_range(cfg: QuantizeConfig, target: Any) -> bool:
@@ -716,12 +742,22 @@ class QuantizePass(Pass):
                     if key not in cache:
                         w16 = _const(graph, names, f"{base}_fp16", w.astype(np.float16))
                         out = ir.Value(name=names.new(f"{base}_fp32"))
-                        graph.append(ir.node("Cast", [w16], {"to": ir.DataType.FLOAT}, outputs=[out], name=names.new(f"{base}_Cast")))
+                        graph.append(
+                            ir.node(
+                                "Cast",
+                                [w16],
+                                {"to": ir.DataType.FLOAT},
+                                outputs=[out],
+                                name=names.new(f"{base}_Cast"),
+                            )
+                        )
                         cache[key] = out
                     layer.node.replace_input_with(1, cache[key])
                     after += w.size * 2
                     err = qn.sqnr_db(w, w.astype(np.float16).astype(np.float32))
-                    report.append({"node": layer.name, "bits": 16, "format": "fp16", "weight_sqnr_db": _r(err)})
+                    report.append(
+                        {"node": layer.name, "bits": 16, "format": "fp16", "weight_sqnr_db": _r(err)}
+                    )
                     step(1)
                     continue
                 block = cfg.block_size if cfg.block_size and w.shape[layer.in_axis] >= cfg.block_size else 0
@@ -740,11 +776,15 @@ class QuantizePass(Pass):
                 entry = {
                     "node": layer.name,
                     "bits": qw.grid.bits,
-                    "granularity": f"block {block}" if block else ("channel" if qw.axis is not None else "tensor"),
+                    "granularity": f"block {block}"
+                    if block
+                    else ("channel" if qw.axis is not None else "tensor"),
                     "weight_sqnr_db": _r(qn.sqnr_db(w, qw.w_hat)),
                 }
                 if cfg.bias_correction:
-                    self._apply_bias_correction(graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry)
+                    self._apply_bias_correction(
+                        graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry
+                    )
                 report.append(entry)
                 step(1)
         _remove_unused_initializers(graph)
@@ -813,7 +853,14 @@ class QuantizePass(Pass):
         graph.remove(node, safe=True)
 
     def _apply_bias_correction(
-        self, graph: ir.Graph, names: _Names, layer: _Layer, w: np.ndarray, w_hat: np.ndarray, stats: Any, entry: dict
+        self,
+        graph: ir.Graph,
+        names: _Names,
+        layer: _Layer,
+        w: np.ndarray,
+        w_hat: np.ndarray,
+        stats: Any,
+        entry: dict,
     ) -> None:
         delta = self._bias_delta(layer, w, w_hat, stats)
         if delta is None:
@@ -847,7 +894,9 @@ class QuantizePass(Pass):
 
     def _dynamic(self, model: ir.Model, ctx: PassContext, cfg: QuantizeConfig) -> PassResult:
         if not getattr(ctx.target, "supports_int8", True):
-            raise TargetError(f"quantize: target {_target_name(ctx.target)!r} has no INT8 support; use mode='fp16'")
+            raise TargetError(
+                f"quantize: target {_target_name(ctx.target)!r} has no INT8 support; use mode='fp16'"
+            )
         old = _ensure_opset(model, 11)
         graph = model.graph
         layers, skipped = _find_layers(graph, cfg)
@@ -866,15 +915,25 @@ class QuantizePass(Pass):
             node = layer.node
             xname = layer.x.name
             if xname not in dql:
-                outs = [ir.Value(name=names.new(f"{xname}_{s}")) for s in ("quantized", "scale", "zero_point")]
+                outs = [
+                    ir.Value(name=names.new(f"{xname}_{s}")) for s in ("quantized", "scale", "zero_point")
+                ]
                 graph.insert_before(
-                    node, ir.node("DynamicQuantizeLinear", [layer.x], outputs=outs, name=names.new(f"{xname}_DynamicQuantizeLinear"))
+                    node,
+                    ir.node(
+                        "DynamicQuantizeLinear",
+                        [layer.x],
+                        outputs=outs,
+                        name=names.new(f"{xname}_DynamicQuantizeLinear"),
+                    ),
                 )
                 dql[xname] = (outs[0], outs[1], outs[2])
             xq, xs, xz = dql[xname]
             base = layer.w.name or layer.name
             wq = _const(graph, names, f"{base}_quantized", qw.codes.astype(np.int8))
-            wz = _const(graph, names, f"{base}_zero_point", np.zeros_like(np.atleast_1d(qw.zp), dtype=np.int8))
+            wz = _const(
+                graph, names, f"{base}_zero_point", np.zeros_like(np.atleast_1d(qw.zp), dtype=np.int8)
+            )
             ws = _const(graph, names, f"{base}_scale", np.atleast_1d(qw.scale).astype(np.float32))
             yi = ir.Value(name=names.new(f"{node.outputs[0].name}_int32"))
             yf = ir.Value(name=names.new(f"{node.outputs[0].name}_float"))
@@ -882,8 +941,19 @@ class QuantizePass(Pass):
             out = node.outputs[0]
             y = ir.Value(name=names.new(f"{out.name}_dynq"))
             new = [
-                ir.node("MatMulInteger", [xq, wq, xz, wz], outputs=[yi], name=names.new(f"{layer.name}_MatMulInteger")),
-                ir.node("Cast", [yi], {"to": ir.DataType.FLOAT}, outputs=[yf], name=names.new(f"{layer.name}_Cast")),
+                ir.node(
+                    "MatMulInteger",
+                    [xq, wq, xz, wz],
+                    outputs=[yi],
+                    name=names.new(f"{layer.name}_MatMulInteger"),
+                ),
+                ir.node(
+                    "Cast",
+                    [yi],
+                    {"to": ir.DataType.FLOAT},
+                    outputs=[yf],
+                    name=names.new(f"{layer.name}_Cast"),
+                ),
                 ir.node("Mul", [xs, ws], outputs=[sc], name=names.new(f"{layer.name}_scale_Mul")),
                 ir.node("Mul", [yf, sc], outputs=[y], name=names.new(f"{layer.name}_output_Mul")),
             ]
@@ -898,7 +968,13 @@ class QuantizePass(Pass):
         graph.sort()
         return PassResult(
             True,
-            {"mode": cfg.mode, "reduce_range": reduce_range, "opset_converted_from": old, "layers": report, "skipped": skipped},
+            {
+                "mode": cfg.mode,
+                "reduce_range": reduce_range,
+                "opset_converted_from": old,
+                "layers": report,
+                "skipped": skipped,
+            },
         )
 
     # ------------------------------------------------------------------------------- static int8
@@ -915,10 +991,16 @@ class QuantizePass(Pass):
         self._needs_data(ctx, "static int8")
         act = cfg.activation_type
         if act == "auto":
-            act = str(getattr(target, "activation_dtype", "uint8") or "uint8") if target is not None else "uint8"
+            act = (
+                str(getattr(target, "activation_dtype", "uint8") or "uint8")
+                if target is not None
+                else "uint8"
+            )
             if act not in _QTYPES:
                 act = "uint8"
-        return quantize_static_qdq(model, ctx, cfg, activation_type=act, reduce_range=self._reduce_range(cfg, target))
+        return quantize_static_qdq(
+            model, ctx, cfg, activation_type=act, reduce_range=self._reduce_range(cfg, target)
+        )
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -929,7 +1011,9 @@ def _r(x: float) -> float | None:
 
 
 def _bits_of(dtype: ir.DataType) -> int:
-    return {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}.get(dtype, 16)
+    return {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}.get(
+        dtype, 16
+    )
 
 
 def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

@@ -16,9 +16,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
-from onnxcomp.errors import CalibrationError
-from onnxcomp.pass_base import PassContext, PassResult
 from onnxcomp.passes import quant_numerics as qn
 from onnxcomp.passes.quantize import (
     _QTYPES,
@@ -44,6 +41,9 @@ from onnxcomp.passes.quantize import (
     _remove_unused_initializers,
     _samples,
 )
+
+from onnxcomp.errors import CalibrationError
+from onnxcomp.pass_base import PassContext, PassResult
 
 __all__ = ["quantize_static_qdq"]
 
@@ -96,10 +96,14 @@ def _make_plan(graph: ir.Graph, cfg: QuantizeConfig, layers: list[_Layer], dropp
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in cfg.op_types or _excluded(node, cfg):
             continue
-        if (node.name or "") in dropped:
+        if (node.name or "") in dropped or (node.outputs and node.outputs[0].name in dropped):
             continue
+        if node.op_type in ("Add", "Mul") and any(_const_array(v) is not None for v in node.inputs):
+            continue  # bias / scale by a constant: stays float (quantizing a bias to 8 bits only loses)
         if node.op_type in WEIGHTED_OPS and id(node) not in layer_nodes:
-            mm_dyn = node.op_type == "MatMul" and all(_is_float(v) and _const_array(v) is None for v in node.inputs)
+            mm_dyn = node.op_type == "MatMul" and all(
+                _is_float(v) and _const_array(v) is None for v in node.inputs
+            )
             if not mm_dyn:
                 continue
         if not node.inputs or not _is_float(node.inputs[0]) or not _is_float(node.outputs[0]):
@@ -117,6 +121,12 @@ def _make_plan(graph: ir.Graph, cfg: QuantizeConfig, layers: list[_Layer], dropp
         if y.is_graph_output() and not consumed:
             continue  # a float model output: quantizing it only adds error (and blocks MatMulIntegerToFloat)
         act = _foldable(y, cfg) if op not in SHARE_PARAMS_OPS else None
+        if op in ("MatMul", "Gemm") and not consumed:
+            after = act.outputs[0] if act is not None else None
+            if after is None or not any(id(u.node) in cand_ids for u in after.uses()):
+                # ONNX Runtime runs DQ -> MatMul without an output Q as MatMulIntegerToFloat (bias Add
+                # fused too); a Q there would only add error.
+                continue
         if act is not None:
             r = act.outputs[0]
             plan.fused[y.name] = act
@@ -210,7 +220,13 @@ def quantize_static_qdq(
     if cfg.method == "seed-uniform":
         w_grid = qn.QGrid(8, signed=True, symmetric=True, narrow=True)
     else:
-        w_grid = qn.QGrid(8, signed=True, symmetric=cfg.symmetric_weights, reduce_range=reduce_range, narrow=cfg.symmetric_weights)
+        w_grid = qn.QGrid(
+            8,
+            signed=True,
+            symmetric=cfg.symmetric_weights,
+            reduce_range=reduce_range,
+            narrow=cfg.symmetric_weights,
+        )
 
     plan = _make_plan(graph, cfg, layers, set())
     if not plan.nodes:
@@ -228,7 +244,9 @@ def quantize_static_qdq(
     if cfg.method == "gptq" or cfg.bias_correction:
         wstats = _input_statistics(model, layers, ctx, cfg, hessian=cfg.method == "gptq")
     qweights = {
-        lay.name: _quantize_weight(lay, _const_array(lay.w), w_grid, cfg, block_size=0, stats=wstats.get(lay.name))
+        lay.name: _quantize_weight(
+            lay, _const_array(lay.w), w_grid, cfg, block_size=0, stats=wstats.get(lay.name)
+        )
         for lay in layers
     }
 
@@ -243,16 +261,24 @@ def quantize_static_qdq(
     layer_err: dict[str, float] = {}
     if cfg.fallback_sqnr_db is not None and layers:
         params = params_for(plan)
-        in_params = {lay.x.name: params[plan.alias.get(lay.x.name, lay.x.name)] for lay in layers if plan.alias.get(lay.x.name, lay.x.name) in params}
+        in_params = {
+            lay.x.name: params[plan.alias.get(lay.x.name, lay.x.name)]
+            for lay in layers
+            if plan.alias.get(lay.x.name, lay.x.name) in params
+        }
         layer_err = _layer_sqnr(model, layers, qweights, in_params, act_dtype, ctx, cfg)
         dropped = {k for k, e in layer_err.items() if e < cfg.fallback_sqnr_db}
         if dropped:
-            fallback = [{"node": k, "sqnr_db": _r(layer_err[k])} for k in sorted(dropped, key=lambda k: layer_err[k])]
+            fallback = [
+                {"node": k, "sqnr_db": _r(layer_err[k])} for k in sorted(dropped, key=lambda k: layer_err[k])
+            ]
             layers = [lay for lay in layers if lay.name not in dropped]
             plan = _make_plan(graph, cfg, layers, {lay_name for lay_name in dropped})
             missing = sorted({plan.calib_name(t) for t in plan.tensors} - set(ranges))
             if missing:
-                more = collect_statistics(model, missing, _samples(ctx, cfg, model), observer=cfg.observer, **opts)
+                more = collect_statistics(
+                    model, missing, _samples(ctx, cfg, model), observer=cfg.observer, **opts
+                )
                 ranges.update({k: o.range() for k, o in more.items()})
     params = params_for(plan)
     for out_name, in_name in plan.shared.items():
@@ -267,9 +293,15 @@ def quantize_static_qdq(
         sv = _const(graph, names, f"{t}_scale", np.asarray(s, np.float32))
         zv = _const(graph, names, f"{t}_zero_point", _container_array(np.asarray(z), act_dtype), act_dtype)
         q_out = ir.Value(name=names.new(f"{t}_quantized"))
-        dq_out = ir.Value(name=names.new(f"{t}_dequantized"), type=ir.TensorType(ir.DataType.FLOAT), shape=v.shape)
-        qn_node = ir.node("QuantizeLinear", [v, sv, zv], outputs=[q_out], name=names.new(f"{t}_QuantizeLinear"))
-        dq_node = ir.node("DequantizeLinear", [q_out, sv, zv], outputs=[dq_out], name=names.new(f"{t}_DequantizeLinear"))
+        dq_out = ir.Value(
+            name=names.new(f"{t}_dequantized"), type=ir.TensorType(ir.DataType.FLOAT), shape=v.shape
+        )
+        qn_node = ir.node(
+            "QuantizeLinear", [v, sv, zv], outputs=[q_out], name=names.new(f"{t}_QuantizeLinear")
+        )
+        dq_node = ir.node(
+            "DequantizeLinear", [q_out, sv, zv], outputs=[dq_out], name=names.new(f"{t}_DequantizeLinear")
+        )
         if t in plan.fused:
             act = plan.fused[t]
             r = act.outputs[0]
@@ -287,9 +319,17 @@ def quantize_static_qdq(
         c = _const_array(node.inputs[i])
         s, z = qn.scale_zero_point(float(c.min()), float(c.max()), act_grid)
         qc = qn.quantize(c, s, z, act_grid)
-        cv = _const(graph, names, f"{node.inputs[i].name}_quantized", _container_array(qc, act_dtype), act_dtype)
+        cv = _const(
+            graph, names, f"{node.inputs[i].name}_quantized", _container_array(qc, act_dtype), act_dtype
+        )
         sv = _const(graph, names, f"{node.inputs[i].name}_scale", np.asarray(s, np.float32))
-        zv = _const(graph, names, f"{node.inputs[i].name}_zero_point", _container_array(np.asarray(z), act_dtype), act_dtype)
+        zv = _const(
+            graph,
+            names,
+            f"{node.inputs[i].name}_zero_point",
+            _container_array(np.asarray(z), act_dtype),
+            act_dtype,
+        )
         out = ir.Value(name=names.new(f"{node.inputs[i].name}_dequantized"))
         graph.append(ir.node("DequantizeLinear", [cv, sv, zv], outputs=[out]))
         node.replace_input_with(i, out)
@@ -302,11 +342,19 @@ def quantize_static_qdq(
         out, dq = _dq_weight(graph, names, lay.w.name or lay.name, qw, ir.DataType.INT8)
         graph.append(dq)
         node.replace_input_with(1, out)
-        entry: dict[str, Any] = {"node": lay.name, "op": node.op_type, "weight_sqnr_db": _r(qn.sqnr_db(w, qw.w_hat))}
+        entry: dict[str, Any] = {
+            "node": lay.name,
+            "op": node.op_type,
+            "weight_sqnr_db": _r(qn.sqnr_db(w, qw.w_hat)),
+        }
         if lay.name in layer_err:
             entry["layer_sqnr_db"] = _r(layer_err[lay.name])
         bias_pos = 2 if node.op_type in ("Conv", "ConvTranspose", "Gemm") else None
-        b = _const_array(node.inputs[2]) if bias_pos and len(node.inputs) > 2 and node.inputs[2] is not None else None
+        b = (
+            _const_array(node.inputs[2])
+            if bias_pos and len(node.inputs) > 2 and node.inputs[2] is not None
+            else None
+        )
         delta = None
         if cfg.bias_correction and lay.name in wstats:
             mean = wstats[lay.name][1] / max(wstats[lay.name][2], 1)
@@ -315,9 +363,15 @@ def quantize_static_qdq(
                 b = (np.zeros_like(delta) if b is None else b) + delta
                 entry["bias_corrected"] = True
         xname = plan.alias.get(lay.x.name, lay.x.name)
+        if b is not None and node.op_type == "Gemm" and b.ndim == 2 and b.shape[0] == 1:
+            b = b.reshape(-1)  # [1, N] broadcasts like [N]
         if b is not None and b.ndim == 1 and xname in params:
             s_x = float(params[xname][0])
-            s_w = np.broadcast_to(np.asarray(qw.scale, np.float64), (b.shape[0],)) if qw.axis is not None else np.full(b.shape[0], float(qw.scale))
+            s_w = (
+                np.broadcast_to(np.asarray(qw.scale, np.float64), (b.shape[0],))
+                if qw.axis is not None
+                else np.full(b.shape[0], float(qw.scale))
+            )
             s_b = (s_x * s_w).astype(np.float32)
             s_b = np.where(s_b > 0, s_b, np.float32(1e-12))
             bq = np.clip(np.rint(b / s_b), -(2**31), 2**31 - 1).astype(np.int32)
@@ -340,7 +394,10 @@ def quantize_static_qdq(
                 add, other = users[0].node, 1 - users[0].idx
                 ab = _const_array(add.inputs[other])
                 if ab is not None and ab.shape == delta.shape:
-                    add.replace_input_with(other, _const(graph, names, f"{lay.name}_bias_corrected", (ab + delta).astype(np.float32)))
+                    add.replace_input_with(
+                        other,
+                        _const(graph, names, f"{lay.name}_bias_corrected", (ab + delta).astype(np.float32)),
+                    )
                     entry["bias_corrected"] = True
         report.append(entry)
     _remove_unused_initializers(graph)

@@ -38,6 +38,7 @@ JSON schema ``onnxcomp.profile/1`` (stable; fields are only ever added)::
         "energy": {"available": bool, "per_inference_mj": float | null,
                    "net_per_inference_mj": float | null},
         "op_types": [{"op_type", "ms_per_run", "percent", "nodes", "calls_per_run"}],
+        "kernel_ms_per_run": float | null   # sum over nodes of the median kernel time (ORT profiler)
         "layers": [{"name", "op_type", "ms_per_run", "percent"}]   # slowest nodes/layers first
         "ratio_to_baseline": null | {"p50": float, "size": float | null,
                                      "throughput": {batch: float}},
@@ -711,6 +712,7 @@ def profile_models(
                 say(f"op-type profile of {m['name']}")
                 prof = w.call("op_profile", settings.op_profile_runs)
                 m["op_types"], m["layers"] = prof["op_types"], prof["layers"]
+                m["kernel_ms_per_run"] = prof["total_ms_per_run"]
         else:
             for m in models:
                 m["op_types"], m["layers"] = [], []
@@ -1204,10 +1206,12 @@ def report_to_markdown(report: Mapping[str, Any], *, top_ops: int = 8) -> str:
         chosen = sorted(ops, key=lambda k: -ops[k])[:top_ops]
         lines += [
             "",
-            "Time by op type (ms per run, % of kernel time):",
+            "Time by op type (median kernel ms per run, % of kernel time; the total row is a latency estimate "
+            "robust to a busy host):",
             "",
             "| op type | " + " | ".join(m["name"] for m in models) + " |",
             "|---|" + "---:|" * len(models),
+            "| **total** | " + " | ".join(_fmt(m.get("kernel_ms_per_run"), ".3f") for m in models) + " |",
         ]
         for op in chosen:
             cells = []

@@ -449,6 +449,7 @@ def import_trtexec(
             "net_per_inference_mj": None,
         },
         "op_types": op_types,
+        "kernel_ms_per_run": sum(layer["ms_per_run"] for layer in layers) if layers else None,
         "layers": layers[:30],
         "notes": notes,
     }

@@ -163,12 +163,14 @@ def test_no_tensor_outlives_its_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(observers.OBSERVERS, "minmax", Recording)
     model, _ = _conv_model()
-    collect_statistics(model, ["c", "r", "y"], _samples(50), buffer_bytes=0)
+    collect_statistics(model, ["c", "r", "y"], _samples(50), buffer_bytes=0, minmax_in_graph=False)
     gc.collect()
     assert len(refs) == 150  # one update per tensor per sample
     assert sum(r() is not None for r in refs) == 0
     refs.clear()
-    pooled = collect_statistics(model, ["c", "r", "y"], _samples(50), buffer_bytes=20_000)
+    pooled = collect_statistics(
+        model, ["c", "r", "y"], _samples(50), buffer_bytes=20_000, minmax_in_graph=False
+    )
     gc.collect()
     assert 3 < len(refs) < 150  # pooled: fewer, larger updates
     assert sum(r() is not None for r in refs) == 0
@@ -201,3 +203,41 @@ def test_pooling_does_not_change_results(kind: str) -> None:
     pooled = collect_statistics(model, ["c", "y"], _samples(12), observer=kind)
     for name in ("c", "y"):
         assert one[name].range() == pooled[name].range()
+
+
+def test_minmax_reduced_in_graph_equals_full_tensors_and_leaves_model_alone() -> None:
+    model, _ = _conv_model()
+    before = [(n.op_type, n.name) for n in model.graph]
+    fast = collect_statistics(model, ["x", "w", "c", "r", "y"], _samples(7))
+    full = collect_statistics(model, ["x", "w", "c", "r", "y"], _samples(7), minmax_in_graph=False)
+    for name in fast:
+        assert fast[name].range() == full[name].range()
+        assert fast[name].count == full[name].count
+    assert [(n.op_type, n.name) for n in model.graph] == before
+    assert not any(v.name.startswith("_onnxcomp") for n in model.graph for v in n.outputs)
+
+
+def test_minmax_in_graph_with_nan_and_inf_matches_full_tensors() -> None:
+    """NaN/inf make ReduceMin/Max unreliable: such tensors are collected again from full tensors
+    (non-finite values ignored). fp16 tensors are reduced in fp32, equal within fp16 rounding."""
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        net (float16[1,8] x) => (float16[1,8] y) {
+            l = Log (x)
+            y = Relu (l)
+        }
+        """
+    )
+    model = ir.from_proto(proto)
+    xs = [
+        {"x": np.array([[-1, 1, 2, 4, 8, 0.5, 3, 5]], np.float16)},  # NaN first
+        {"x": np.array([[2, 1, 2, 0, 8, 0.5, 3, 5]], np.float16)},  # -inf
+        {"x": np.full((1, 8), 2.0, np.float16)},
+    ]
+    fast = collect_statistics(model, ["l", "y"], xs)
+    full = collect_statistics(model, ["l", "y"], xs, minmax_in_graph=False)
+    assert full["l"].nonfinite == 2
+    for name in ("l", "y"):
+        assert fast[name].range() == pytest.approx(full[name].range(), rel=2e-3)
+    assert fast["l"].range() == pytest.approx((np.log(0.5), np.log(8.0)), rel=2e-3)

@@ -248,3 +248,32 @@ def test_squeezenet_fp16_top1_on_imagenet_100(zoo_dir: Path) -> None:
     ref = res.classification["reference"]
     assert 0.55 <= ref["accuracy"] <= 0.70
     assert ref["top5"] >= 0.8
+
+
+def test_cli_takes_preprocessing_from_a_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        net (float[1,8,8,3] x) => (float[1,3] y) { y = ReduceMean <axes = [1, 2], keepdims = 0> (x) }
+        """
+    )
+    onnx.save(proto, tmp_path / "m.onnx")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[calibration]\nlayout = "NHWC"\nresize = [10]\ncenter_crop = [8, 8]\nscale = 0.5\n')
+    args = ["evaluate", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--data", str(folder)]
+    assert main([*args, "--recipe", str(recipe), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 3 and result["outputs"]["y"]["exact"]
+    # without the recipe the NHWC input is refused with the hint
+    assert main(args) == 2
+    assert 'layout = "NHWC"' in capsys.readouterr().err
+    # --set overrides the recipe
+    assert main([*args, "--recipe", str(recipe), "--set", "center_crop=[12, 12]"]) == 2
+    assert "larger than the resized image" in capsys.readouterr().err

@@ -467,3 +467,43 @@ def test_sequential_conv_chain_runs_and_reports_output_error() -> None:
     # rank 30 ≥ the first layer's rank (16) and close to full for the second: outputs nearly unchanged
     assert all(d["output_rel_error"] < 0.05 for d in details["layers"])
     assert [n.op_type for n in model.graph].count("Conv") == 4
+
+
+def test_equal_error_allocation_meets_budget_with_similar_kept_energy() -> None:
+    rng = np.random.default_rng(25)
+    u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    w1 = (u * 0.8 ** np.arange(64)) @ np.linalg.qr(rng.standard_normal((64, 64)))[0]  # fast decay
+    w2 = (u * 0.97 ** np.arange(64)) @ np.linalg.qr(rng.standard_normal((64, 64)))[0]  # slow decay
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "W2"], ["y"], name="b"),
+    ]
+    model = _model(nodes, [("x", [1, 64])], [("y", [1, 64])], {"W1": w1, "W2": w2})
+    details = _apply(
+        model, {"rank_rule": "ratio", "ratio_scope": "equal_error", "param_ratio": 0.5, "min_params": 0}
+    )
+    ranks = {d["node"]: d["rank"] for d in details["layers"]}
+    assert ranks["a"] < ranks["b"]
+    assert details["params_after"] <= 0.5 * 2 * 64 * 64
+    kept = [d["energy_kept"] for d in details["layers"]]
+    assert abs(kept[0] - kept[1]) < 0.03
+
+
+def test_gram_cache_is_reused_across_runs() -> None:
+    from onnxcomp.passes.factorize import GRAM_CACHE_KEY
+
+    rng = np.random.default_rng(26)
+    w = rng.standard_normal((64, 64))
+    shared: dict[str, Any] = {GRAM_CACHE_KEY: {}}
+    calls = []
+
+    def samples() -> list[dict[str, np.ndarray]]:
+        calls.append(1)
+        return [{"x": rng.standard_normal((1, 5, 64)).astype(np.float32)} for _ in range(4)]
+
+    opts = {"rank_rule": "fixed", "fixed_rank": 8, "whiten": "always", "min_params": 0}
+    first = _apply(_matmul_model(w), opts, PassContext(calibration=samples, shared=shared))
+    second = _apply(_matmul_model(w), opts, PassContext(calibration=samples, shared=shared))
+    assert len(calls) == 1 and len(shared[GRAM_CACHE_KEY]) == 1
+    assert first["layers"][0]["output_rel_error"] == second["layers"][0]["output_rel_error"]
+    assert second["calibration_samples"] == 4

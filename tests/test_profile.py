@@ -143,6 +143,7 @@ def test_profile_side_by_side_flags_the_slower_model(tmp_path) -> None:
     assert tp4["items_per_s"] == pytest.approx(4000 / tp4["p50_ms"])
     ops = {o["op_type"]: o for o in cand["op_types"]}
     assert ops["MatMul"]["nodes"] == 12 and ops["MatMul"]["percent"] > 50
+    assert cand["kernel_ms_per_run"] > base["kernel_ms_per_run"] > 0
     assert base["inputs"] == {"x": {"dtype": "float32", "shape": [1, 96]}}
     assert base["session_create_s"] > 0 and base["first_run_ms"] > 0
     assert base["latency_ms"]["n"] >= 10 and len(base["samples_ms"]) == base["latency_ms"]["n"]
@@ -152,6 +153,7 @@ def test_profile_side_by_side_flags_the_slower_model(tmp_path) -> None:
         assert base["energy"]["per_inference_mj"] is None and report["energy"]["reason"]
     md = report_to_markdown(report)
     assert "| slow |" in md and "**SLOWER**" in md and "| MatMul |" in md and "batch 4" in md
+    assert "| **total** |" in md
     json.dumps(report)  # JSON-serializable as is
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from onnxcomp.passes import quant_numerics as qn
 
 
@@ -55,7 +54,7 @@ def test_fake_quant_error_bounded_by_half_step(bits: int, amp: float, symmetric:
 def test_per_channel_params_axis() -> None:
     w = np.stack([np.linspace(-1, 1, 8), np.linspace(-4, 4, 8)]).astype(np.float32)
     grid = qn.QGrid(8, signed=True, symmetric=True, narrow=True)
-    s, z = qn.channel_params(w, 0, grid)
+    s, _z = qn.channel_params(w, 0, grid)
     assert s.shape == (2,) and np.allclose(s, [1 / 127, 4 / 127])
     s1, _ = qn.channel_params(w.T, 1, grid)
     assert np.allclose(s1, s)
@@ -156,7 +155,9 @@ def test_conv_patches_match_convolution() -> None:
         [numpy_helper.from_array(w, "w")],
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+        0
+    ]
     assert np.allclose(y, ref.transpose(0, 2, 3, 1).reshape(-1, 4), atol=1e-4)
 
 

@@ -11,11 +11,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnxcomp.passes import quant_numerics as qn
 
 from onnxcomp.errors import CalibrationError, RecipeError, TargetError
 from onnxcomp.ort_session import session_from_model, session_options
 from onnxcomp.pass_base import PassContext, create_pass
-from onnxcomp.passes import quant_numerics as qn
 
 RNG = np.random.default_rng(0)
 
@@ -68,7 +68,11 @@ def mlp(k: int = 32, n: int = 48, out: int = 16) -> ir.Model:
     """
     m = onnx.parser.parse_model(text)
     m.graph.initializer.extend(
-        [_init("w1", rng.normal(0, 0.3, (k, n))), _init("b1", rng.normal(0, 0.1, n)), _init("w2", rng.normal(0, 0.3, (n, out)))]
+        [
+            _init("w1", rng.normal(0, 0.3, (k, n))),
+            _init("b1", rng.normal(0, 0.1, n)),
+            _init("w2", rng.normal(0, 0.3, (n, out))),
+        ]
     )
     return ir.from_proto(m)
 
@@ -120,7 +124,11 @@ def test_static_int8_cnn_structure_numbers_and_ort_fusion(tmp_path: Path) -> Non
     assert ops["Relu"] == 0  # folded into the following quantizers
     assert ops["Conv"] == 2 and ops["Gemm"] == 1
     # weights: int8 per-channel on the right axis; biases int32 with s_b = s_x * s_w
-    dqs = {n.inputs[0].name: n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer()}
+    dqs = {
+        n.inputs[0].name: n
+        for n in m.graph
+        if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer()
+    }
     w1 = next(n for k, n in dqs.items() if k.startswith("w1"))
     assert w1.inputs[0].const_value.dtype == ir.DataType.INT8
     assert w1.attributes["axis"].value == 0 and w1.inputs[1].const_value.numpy().shape == (8,)
@@ -147,7 +155,7 @@ def test_static_int8_matmul_fuses_to_integer_kernels(tmp_path: Path) -> None:
     ref = run(mlp(), calib)
     m = mlp()
     quantize(m, calib, activation_type="uint8")
-    w = [n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w1")][0]
+    w = next(n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w1"))
     assert w.attributes["axis"].value == 1  # MatMul: per output column of W[K, N]
     assert cosine(run(m, calib), ref) > 0.99
     fused = optimized_ops(m, tmp_path)
@@ -174,7 +182,7 @@ def test_static_int8_needs_data_and_refuses_target_without_int8() -> None:
     with pytest.raises(CalibrationError, match="calibration data"):
         quantize(cnn(), None)
     tx2 = SimpleNamespace(name="jetson-tx2", supports_int8=False)
-    with pytest.raises(TargetError, match="jetson-tx2.*no INT8"):
+    with pytest.raises(TargetError, match=r"jetson-tx2.*no INT8"):
         quantize(cnn(), image_samples(2), target=tx2)
     with pytest.raises(TargetError, match="no INT8"):
         quantize(cnn(), image_samples(2), target=tx2, mode="dynamic")
@@ -192,7 +200,9 @@ def test_exclusions_and_automatic_fallback() -> None:
     m = cnn()
     d = quantize(m, calib, exclude_op_types=["Gemm"]).details
     assert [lay["node"] for lay in d["layers"]] and all(lay["op"] == "Conv" for lay in d["layers"])
-    assert {"node": "Gemm", "reason": "excluded"} in d["skipped"] or any(s["reason"] == "excluded" for s in d["skipped"])
+    assert {"node": "Gemm", "reason": "excluded"} in d["skipped"] or any(
+        s["reason"] == "excluded" for s in d["skipped"]
+    )
     # fallback: an SQNR threshold above what 8 bits reach on every layer keeps them all float
     m2 = cnn()
     d2 = quantize(m2, calib, fallback_sqnr_db=80.0).details
@@ -234,7 +244,9 @@ def test_weight_only_int4_blockwise_opset21_packed() -> None:
     grid = qn.QGrid(4, signed=True, symmetric=True)
     s, z = qn.block_params(w1, 0, 16, grid)
     want = qn.fake_quantize(w1, qn.expand_blocks(s, 0, 16, 32), qn.expand_blocks(z, 0, 16, 32), grid)
-    got = session_from_model(m, extra_outputs=[n1.outputs[0].name]).run([n1.outputs[0].name], token_samples(1)[0])[0]
+    got = session_from_model(m, extra_outputs=[n1.outputs[0].name]).run(
+        [n1.outputs[0].name], token_samples(1)[0]
+    )[0]
     assert np.allclose(got, want, atol=1e-6)
     assert d["weight_bytes_after"] < d["weight_bytes_before"] / 5
 
@@ -257,7 +269,9 @@ def test_seed_uniform_reproduces_seed_003_grid_exactly() -> None:
         n = next(n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w2"))
         q = float(np.abs(w2).max()) / (2 ** (bits - 1) - 1)
         assert float(n.inputs[1].const_value.numpy()) == pytest.approx(q, rel=1e-6)
-        got = session_from_model(m, extra_outputs=[n.outputs[0].name]).run([n.outputs[0].name], token_samples(1)[0])[0]
+        got = session_from_model(m, extra_outputs=[n.outputs[0].name]).run(
+            [n.outputs[0].name], token_samples(1)[0]
+        )[0]
         want = np.rint(w2.astype(np.float64) / np.float32(q)) * np.float32(q)
         assert np.allclose(got, want, atol=1e-6), bits
 
@@ -297,16 +311,35 @@ def test_weight_only_bias_correction_shifts_following_add() -> None:
     assert err(bc) < err(plain)
 
 
-def test_matmul_nbits_matches_blockwise_dequantize() -> None:
+def _np_mlp_blockwise(model: ir.Model, x: np.ndarray, grid: qn.QGrid, block: int) -> np.ndarray:
+    """numpy reference of ``mlp`` with block-wise fake-quantized weights."""
+    ws = {}
+    for name in ("w1", "w2"):
+        w = model.graph.initializers[name].const_value.numpy()
+        s, z = qn.block_params(w, 0, block, grid)
+        ws[name] = qn.fake_quantize(
+            w, qn.expand_blocks(s, 0, block, w.shape[0]), qn.expand_blocks(z, 0, block, w.shape[0]), grid
+        )
+    b1 = model.graph.initializers["b1"].const_value.numpy()
+    return np.maximum(x @ ws["w1"] + b1, 0) @ ws["w2"]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_matches_blockwise_reference(symmetric: bool) -> None:
     x = token_samples(4, k=64)
-    dq, nb = mlp(k=64), mlp(k=64)
-    quantize(dq, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=False)
-    quantize(nb, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=False, matmul_nbits=True)
+    nb = mlp(k=64)
+    quantize(
+        nb, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=symmetric, matmul_nbits=True
+    )
     assert Counter(n.op_type for n in nb.graph)["MatMulNBits"] == 2
-    assert np.allclose(run(nb, x), run(dq, x), atol=1e-4)
-    sym = mlp(k=64)
-    quantize(sym, None, mode="weight-only", bits=4, block_size=32, matmul_nbits=True)
-    assert cosine(run(sym, x), run(mlp(k=64), x)) > 0.98
+    grid = qn.QGrid(4, signed=symmetric, symmetric=symmetric)
+    ref = np.concatenate([_np_mlp_blockwise(mlp(k=64), s["x"], grid, 32) for s in x])
+    assert np.allclose(run(nb, x), ref, atol=1e-4)
+    # DequantizeLinear(block_size) + MatMul gives the same weights; ONNX Runtime's own fusion of that
+    # pattern into MatMulNBits quantizes activations to int8 (accuracy_level 4), hence the tolerance.
+    dq = mlp(k=64)
+    quantize(dq, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=symmetric)
+    assert cosine(run(dq, x), ref) > 0.999
 
 
 # ---------------------------------------------------------------------------------- dynamic, fp16
@@ -366,3 +399,58 @@ def test_old_opset_ir3_model_is_converted() -> None:
     assert d["opset_converted_from"] == 8 and m.opset_imports[""] >= 13
     assert [v.name for v in m.graph.inputs] == ["x"]
     assert cosine(run(m, x), ref) > 0.99
+
+
+def test_op_coverage_convtranspose_clip_concat_resize_sigmoid(tmp_path: Path) -> None:
+    """ConvTranspose (per-channel on axis 1), Clip(0, 6) folded, Concat, Resize, Sigmoid·Mul gating."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8, 8] x) => (float[N, 8, 16, 16] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Clip (c, lo, hi)
+        t = ConvTranspose <strides = [2, 2], kernel_shape = [2, 2]> (r, w2, b2)
+        u = Resize <mode = "nearest"> (r, roi, scales)
+        k = Concat <axis = 1> (t, u)
+        s = Sigmoid (k)
+        y = Mul (k, s)
+    }
+    """
+    rng = np.random.default_rng(3)
+    p = onnx.parser.parse_model(text)
+    p.graph.initializer.extend(
+        [
+            _init("w1", rng.normal(0, 0.3, (4, 4, 3, 3))),
+            _init("b1", rng.normal(0, 0.1, 4)),
+            _init("w2", rng.normal(0, 0.3, (4, 4, 2, 2))),  # [C_in, C_out / group, kh, kw]
+            _init("b2", rng.normal(0, 0.1, 4)),
+            _init("lo", np.array(0.0)),
+            _init("hi", np.array(6.0)),
+            _init("roi", np.zeros(0)),
+            _init("scales", np.array([1.0, 1.0, 2.0, 2.0])),
+        ]
+    )
+    calib = [{"x": rng.uniform(-1, 2, (1, 4, 8, 8)).astype(np.float32)} for _ in range(8)]
+    ref = run(ir.from_proto(p), calib)
+    m = ir.from_proto(p)
+    d = quantize(m, calib).details
+    ops = Counter(n.op_type for n in m.graph)
+    assert ops["Clip"] == 0 and d["folded_activations"] == 1
+    ct = next(n for n in m.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w2"))
+    assert ct.attributes["axis"].value == 1 and ct.inputs[1].const_value.numpy().shape == (4,)
+    # Resize shares its input's quantization parameters (ONNX Runtime then drops its Q/DQ pair)
+    resize = next(n for n in m.graph if n.op_type == "Resize")
+    q_after = next(u.node for u in resize.outputs[0].uses() if u.node.op_type == "QuantizeLinear")
+    dq_before = resize.inputs[0].producer()
+    assert np.array_equal(q_after.inputs[1].const_value.numpy(), dq_before.inputs[1].const_value.numpy())
+    assert cosine(run(m, calib), ref) > 0.99
+    fused = optimized_ops(m, tmp_path)
+    assert fused["QLinearConv"] == 1 and fused["QLinearConcat"] + fused["QLinearMul"] + fused["QLinearSigmoid"] >= 1, fused
+
+
+@pytest.mark.parametrize("name", ["safe-int8", "int4-weights", "fp16", "seed003-uniform"])
+def test_shipped_recipes_parse(name: str) -> None:
+    from onnxcomp.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    spec = next(s for s in recipe.passes if s.name == "quantize")
+    assert create_pass("quantize", spec.options).config.mode in ("static-int8", "weight-only", "fp16")

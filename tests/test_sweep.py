@@ -29,17 +29,21 @@ def test_seed003_grid_is_alpha_by_bits_with_the_control() -> None:
     assert grid.axes == {"alpha": [0.0, 0.25, 0.5, 0.75], "bits": [32, 16, 8, 4, 3]}
     assert len(points) == 20
     by = {(p.values["alpha"], p.values["bits"]): p.recipe["passes"] for p in points}
-    assert by[(0.0, 32)] == []  # uncompressed control
-    assert by[(0.5, 32)] == [
-        {"name": "prune", "method": "alpha-sigma", "alpha": 0.5, "quantize": "none", "bits": 32}
-    ]
-    assert by[(0.25, 4)][0]["quantize"] == "seed003" and by[(0.25, 4)][0]["bits"] == 4
+    assert by[(0.0, 32)] == [{"name": "cleanup"}]  # uncompressed control (lossless cleanup only)
+    assert by[(0.5, 32)][1] == {
+        "name": "prune",
+        "method": "alpha-sigma",
+        "alpha": 0.5,
+        "quantize": "none",
+        "bits": 32,
+    }
+    assert by[(0.25, 4)][1]["quantize"] == "seed003" and by[(0.25, 4)][1]["bits"] == 4
 
 
 def test_seed001_grid_is_prune_by_bits_plus_control() -> None:
     points = load_grid("seed001").points()
     assert points[0].label == "sparsity=0,bits=32"
-    assert points[0].recipe["passes"] == []
+    assert points[0].recipe["passes"] == [{"name": "cleanup"}]
     assert len(points) == 7
     assert {(p.values["sparsity"], p.values["bits"]) for p in points[1:]} == {
         (s, b) for s in (0.7, 0.8, 0.9) for b in (16, 8)

@@ -204,6 +204,7 @@ def test_import_trtexec_report(tmp_path) -> None:
     assert ops["Sigmoid"]["ms_per_run"] == pytest.approx(0.2)
     assert ops["Conv"]["percent"] == pytest.approx(75.0)
     assert sum(o["percent"] for o in m["op_types"]) == pytest.approx(100.0)
+    assert m["kernel_ms_per_run"] == pytest.approx(2.0)
     assert m["op_types"][0]["op_type"] == "Conv"
     watts = (5.0 + 5.2 + 4.8) / 3
     assert m["energy"]["per_inference_mj"] == pytest.approx(watts * lat["mean"])
