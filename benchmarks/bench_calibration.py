@@ -105,9 +105,9 @@ def _float_tensors(proto: Any) -> list[str]:
 
 def worker(tool: str, model: str, method: str, n: int, out: Path, folder: Path) -> None:
     import onnx_ir as ir
+
     from onnxcomp.calibration.config import CalibrationConfig
     from onnxcomp.calibration.sources import open_source
-
     from onnxcomp.config import from_mapping
 
     model_path, table = _setup(model, folder)
@@ -118,6 +118,7 @@ def worker(tool: str, model: str, method: str, n: int, out: Path, folder: Path) 
     t0 = time.perf_counter()
     if tool == "onnxcomp":
         import onnx
+
         from onnxcomp.calibration.collect import calibration_session_options, collect_statistics
 
         # statistics need the types of intermediates: shape inference first, like ORT's calibrator
@@ -298,8 +299,15 @@ def main() -> None:
         "note": "ranges compared tensor by tensor: |ours - ORT| / max|ORT| (minmax must agree; entropy/percentile "
         "algorithms differ: ORT entropy uses 128 bins, ORT percentile is symmetric)",
     }
-    (RESULTS / "calibration.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwrote {RESULTS / 'calibration.json'}", file=sys.stderr)
+    path = RESULTS / "calibration.json"
+    if path.exists():  # keep the rows of models not run this time
+        try:
+            old = json.loads(path.read_text())
+            rows = [r for r in old.get("rows", []) if r.get("model") not in models] + rows
+        except (ValueError, AttributeError):
+            pass
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ For every model of ../shared/zoo and the PyPI zoo models:
 Calibration samples are random tensors of the declared input shapes: they set activation ranges, which
 change accuracy but not weight bytes, and accuracy is not what this script measures.
 
-Run: ``python benchmarks/bench_pack.py [--runs 10] [--models name ...] [--no-cold]``; prints markdown
-tables and writes ``benchmarks/results/pack.json``.
+Run: ``python benchmarks/bench_pack.py [--runs 10] [--models name ...] [--no-cold] [--quick]``; prints
+markdown tables and writes ``benchmarks/results/pack.json``.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 
 
-def size_row(name: str, src: Path, work: Path) -> dict[str, Any]:
+def size_row(name: str, src: Path, work: Path, *, alternatives: bool = True) -> dict[str, Any]:
     raw = src.read_bytes()
     row: dict[str, Any] = {"model": name, "fp32_bytes": len(raw), "gzip9_bytes": len(gzip.compress(raw, 9))}
     rep = pack_model(src, work / f"{name}.lossless.zip")
@@ -175,6 +175,7 @@ def size_row(name: str, src: Path, work: Path) -> dict[str, Any]:
             row["int8_float_weight_bytes"] = sum(
                 t.stored_bytes for t in rep.tensors if t.dtype in ("FLOAT", "FLOAT16")
             )
+        if variant == "int8" and alternatives:
             alt = pack_model(out, work / "alt.zip", config=PackConfig(sparse="auto", order="model"))
             row["int8_model_order_bytes"] = alt.artifact_bytes
             for codec, level in (("lzma", 9), ("zstd", 19)):
@@ -263,16 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--no-cold", action="store_true")
     parser.add_argument("--no-sparse", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="models under 5 MB, 5 cold-start runs, no codec comparison"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs = min(args.runs, 5)
     logging.basicConfig(level=logging.WARNING)
     ort.set_default_logger_severity(3)
     paths = model_paths(args.models)
+    if args.quick:
+        paths = {k: v for k, v in paths.items() if v.stat().st_size < 5 << 20}
     results: dict[str, Any] = {"sizes": [], "cold_start": {}, "sparse": [], "python": sys.version.split()[0]}
     with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
         work = Path(tmp)
         for name, src in paths.items():
             t = time.perf_counter()
-            row = size_row(name, src, work)
+            row = size_row(name, src, work, alternatives=not args.quick)
             row["seconds"] = round(time.perf_counter() - t, 1)
             results["sizes"].append(row)
             print(f"… {name}: {row['seconds']} s", file=sys.stderr)

@@ -536,6 +536,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "onnxruntime": ort.__version__,
     }
+    if args.part != "all" and out_path.exists():  # keep parts that other runs wrote meanwhile
+        results = {**json.loads(out_path.read_text()), **results}
     out_path.write_text(json.dumps(results, indent=1, default=float))
     print(report(results))
     print(f"\nwrote {out_path.relative_to(REPO)}")

@@ -319,6 +319,19 @@ def _load_calib(path: Path) -> list[dict[str, np.ndarray]]:
 
 def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, Any]:
     """Quantize ``src`` to ``dst`` with ``variant`` (run in a fresh subprocess)."""
+    # Imports happen before the clock starts, for both sides.
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from onnxcomp.model_io import load_model, save_model
+    from onnxcomp.pass_base import PassContext, create_pass
     from onnxcomp.passes.quantize import host_reduce_range
 
     calib = _load_calib(calib_path)
@@ -326,14 +339,6 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     if variant.startswith("ort-"):
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_dynamic,
-            quantize_static,
-        )
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
@@ -359,15 +364,11 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, reduce_range=rr)
         elif variant == "ort-matmulnbits-4":
             import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
             q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
             q.process()
             q.model.save_model_to_file(str(dst), use_external_data_format=False)
     else:
-        from onnxcomp.model_io import load_model, save_model
-        from onnxcomp.pass_base import PassContext, create_pass
-
         opts: dict[str, Any] = {
             "oc-static-minmax": {"mode": "static-int8"},
             "oc-static-entropy": {"mode": "static-int8", "observer": "entropy"},
@@ -426,6 +427,13 @@ def _session(path: Path) -> Any:
 def _outputs(sess: Any, samples: list[dict[str, np.ndarray]], kind: str) -> list[np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     out = []
+    if kind != "embedding":  # same-shaped images: evaluate in batches of 32 (the models take any batch)
+        for i in range(0, len(samples), 32):
+            chunk = samples[i : i + 32]
+            feed = {k: np.concatenate([c[k] for c in chunk]) for k in chunk[0]}
+            r = np.asarray(sess.run(None, feed)[0])
+            out += list(r.reshape(len(chunk), -1))
+        return out
     for s in samples:
         r = sess.run(None, s)
         if kind == "embedding":

@@ -3,7 +3,9 @@
 Only the tensors that need statistics are exposed as outputs (the model's own outputs are dropped
 unless asked for), samples are run one at a time, and each sample's tensors are folded into the
 observers and released before the next sample is read: peak memory is one sample's worth of the
-requested tensors plus the observers' fixed state, whatever the number of samples.
+requested tensors plus the observers' fixed state, whatever the number of samples. For ``minmax``
+the reduction itself runs inside ONNX Runtime (``ReduceMin``/``ReduceMax`` nodes are added to the
+graph only while the session is built), so only two scalars per tensor leave the session.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from onnxcomp.calibration.observers import Observer, make_observer
 
+from onnxcomp.calibration.observers import Observer, make_observer
 from onnxcomp.errors import CalibrationError
 from onnxcomp.ort_session import session_from_model, session_options
 from onnxcomp.progress import NullProgress, Progress

@@ -33,9 +33,9 @@ from typing import IO, Any
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxcomp.calibration.config import CalibrationConfig
 from onnxcomp.calibration.preprocess import ImageSpec, list_images, load_image
-
 from onnxcomp.errors import CalibrationError
 
 __all__ = [

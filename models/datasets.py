@@ -17,7 +17,13 @@ import numpy as np
 
 from onnxcomp.zoo import Runner, ZooData, ZooUnavailable
 
-__all__ = ["imagenet100_squeezenet", "magika_files", "mnist", "rapidocr_orientation", "silero_speech_fraction"]
+__all__ = [
+    "imagenet100_squeezenet",
+    "magika_files",
+    "mnist",
+    "rapidocr_orientation",
+    "silero_speech_fraction",
+]
 
 
 def _need(path: Path) -> Path:
@@ -216,7 +222,9 @@ def _magika_features(raw: bytes, *, beg: int = 1024, end: int = 1024, block: int
     return out
 
 
-def magika_files(*, zoo_root: Path, per_type: int = 12, n_calib_per_type: int = 2, batch: int = 64) -> ZooData:
+def magika_files(
+    *, zoo_root: Path, per_type: int = 12, n_calib_per_type: int = 2, batch: int = 64
+) -> ZooData:
     """Magika file-type detection on real files of the running Python's standard library (site-packages
     excluded): up to ``per_type`` files per suffix in sorted order, labelled from the suffix; the next
     ``n_calib_per_type`` files of each type are calibration samples. The label space and the byte

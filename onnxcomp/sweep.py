@@ -68,6 +68,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: bump when the measured fields change, so old cache entries are not reused
+_CACHE_SCHEMA = 2
 _GRID_KEYS = {"name", "description", "axes", "passes", "recipe", "cases", "points", "metric"}
 
 
@@ -342,7 +344,7 @@ def run_sweep(
     points = grid.points()
     for p in points:
         key = hashlib.sha256(
-            json.dumps([model_sha, recipe_hash(p.recipe), spec_json, __version__]).encode()
+            json.dumps([model_sha, recipe_hash(p.recipe), spec_json, __version__, _CACHE_SCHEMA]).encode()
         ).hexdigest()
         hit = cache / f"{key}.json"
         if hit.is_file():
@@ -472,7 +474,8 @@ def sweep_markdown(result: SweepResult) -> str:
         for title, fld, kind in (
             (metric_name, "metric", "pct"),
             ("weight sparsity", "sparsity", "pct"),
-            ("packed size (Deflate)", "packed_bytes", "kb"),
+            ("size, Deflate (zip level 9)", "deflate_bytes", "kb"),
+            ("size, packed artifact", "packed_bytes", "kb"),
         ):
             lines += ["", f"**{title}**", "", pivot_table(result.rows, a, b, fld, kind)]
     return "\n".join(lines) + "\n"
@@ -506,7 +509,7 @@ def write_pareto_plots(result: SweepResult) -> list[Path]:
     written = []
     ok = [r for r in result.rows if not r.get("error") and r.get("metric") is not None]
     for fld, xlabel, fname, scale in (
-        ("packed_bytes", "packed size (KiB, Deflate)", "pareto_size.png", 1 / 1024),
+        ("packed_bytes", "packed artifact size (KiB)", "pareto_size.png", 1 / 1024),
         ("latency_ratio", "latency / original (interleaved medians)", "pareto_latency.png", 1.0),
     ):
         pts = [(r[fld] * scale, r["metric"], r["label"]) for r in ok if r.get(fld) is not None]

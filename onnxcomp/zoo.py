@@ -70,13 +70,19 @@ __all__ = [
     "Check",
     "Manifest",
     "Measurement",
+    "Runner",
     "ZooData",
     "ZooEntry",
     "ZooError",
     "ZooUnavailable",
     "check_measurement",
+    "checks_table",
     "default_manifest_path",
+    "deflate_size",
     "examples_dir",
+    "files_of",
+    "interleaved_latency",
+    "load_data",
     "load_manifest",
     "measure_recipe",
     "npz_data",
@@ -84,6 +90,8 @@ __all__ = [
     "run_entry",
     "top1_accuracy",
     "update_baseline_text",
+    "weight_sparsity",
+    "write_baselines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -440,8 +448,10 @@ class Measurement:
     metric_name: str = "top1"
     size_bytes: int | None = None
     packed_bytes: int | None = None
+    deflate_bytes: int | None = None
     original_size_bytes: int | None = None
     original_packed_bytes: int | None = None
+    original_deflate_bytes: int | None = None
     latency_ms: float | None = None
     original_latency_ms: float | None = None
     latency_ratio: float | None = None
@@ -461,7 +471,7 @@ class Measurement:
         out: dict[str, Any] = {}
         if self.metric is not None:
             out["metric"] = round(self.metric, 6)
-        for key in ("size_bytes", "packed_bytes"):
+        for key in ("size_bytes", "deflate_bytes", "packed_bytes"):
             if getattr(self, key) is not None:
                 out[key] = int(getattr(self, key))
         if self.packer:
@@ -621,6 +631,18 @@ def _packer_available() -> bool:
     return True
 
 
+def _packed_size(model_path: Path, dest: Path) -> int | None:
+    """Size of the original model packed with the same packer (None if the packer rejects it)."""
+    from onnxcomp.packing import pack_model
+
+    try:
+        pack_model(model_path, dest)
+    except OnnxcompError as exc:
+        logger.warning("cannot pack the original model %s: %s", model_path, exc)
+        return None
+    return dest.stat().st_size
+
+
 def measure_recipe(
     model_path: Path,
     recipe: Mapping[str, Any],
@@ -680,13 +702,15 @@ def measure_recipe(
             m.top1_agreement = _finite(first.get("top1_agreement"))
         m.size_bytes = sum(f.stat().st_size for f in files_of(written))
         m.original_size_bytes = sum(f.stat().st_size for f in files_of(model_path))
+        m.deflate_bytes = deflate_size(written)
+        m.original_deflate_bytes = deflate_size(model_path)
         if result.artifact_path is not None:
             m.packed_bytes = result.artifact_path.stat().st_size
             m.packer = "onnxcomp.packing"
+            m.original_packed_bytes = _packed_size(model_path, work / "original.onnxcomp.zip")
         else:
-            m.packed_bytes = deflate_size(written)
+            m.packed_bytes, m.original_packed_bytes = m.deflate_bytes, m.original_deflate_bytes
             m.packer = "zip-deflate-9"
-        m.original_packed_bytes = deflate_size(model_path)
         m.sparsity = weight_sparsity(written)
         cand = _session(written, threads)
         orig = _session(model_path, threads)
@@ -767,7 +791,7 @@ def check_measurement(
             c.problems.append(
                 f"{m.metric_name} {v:.4f} differs from baseline {b:.4f} by more than {tolerance:g}"
             )
-    keys = ["size_bytes"]
+    keys = ["size_bytes", "deflate_bytes"]
     if base.get("packer", m.packer) == m.packer:
         keys.append("packed_bytes")
     elif "packed_bytes" in base:

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnxcomp.passes import lowrank as lr
 
 from onnxcomp.errors import CalibrationError, PassError
 from onnxcomp.model_io import iter_graphs
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxcomp.passes import lowrank as lr
 
 __all__ = ["GRAM_CACHE_KEY", "FactorizeConfig", "FactorizePass", "layer_gram_matrices"]
 
@@ -765,6 +766,7 @@ class FactorizePass(Pass):
                 self._finish(p, results, skipped, taken)
         params_before = sum(e["params_before"] for e in results)
         params_after = sum(e["params_after"] for e in results)
+        storage_after = sum(e["storage_params_after"] for e in results)
         candidates = len(layers) + len(skipped)
         if candidates and not results:
             logger.warning("factorize: no layer was factorized (%d candidates skipped)", candidates)
@@ -778,6 +780,7 @@ class FactorizePass(Pass):
                 "skipped": skipped,
                 "params_before": params_before,
                 "params_after": params_after,
+                "storage_params_after": storage_after,
                 "param_ratio": round(params_after / params_before, 6) if params_before else 1.0,
             },
         )
@@ -850,6 +853,9 @@ class FactorizePass(Pass):
                 "params_before": layer.params,
                 "params_after": after,
                 "sparse_nnz": nnz if sparse is not None else 0,
+                # nonzeros of S charged sparse_cost each (value + index), as a sparse layout would store them
+                "storage_params_after": r_used * (k + n)
+                + (math.ceil(nnz * cfg.sparse_cost) if sparse is not None else 0),
                 "stored_elements_after": r_used * (k + n) + (k * n if sparse is not None else 0),
                 "rel_error": round(_rel(layer.matrix - approx, layer.matrix), 6),
                 "svd": p.method,

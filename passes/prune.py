@@ -32,10 +32,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnxcomp.passes import prune_numerics as pn
 
 from onnxcomp.errors import CalibrationError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxcomp.passes import prune_numerics as pn
 
 __all__ = ["Layer", "PruneConfig", "PrunePass", "find_layers", "stream_layer_inputs"]
 
@@ -297,7 +297,7 @@ def fold_weight_reshapes(model: ir.Model, op_types: Sequence[str] = _WEIGHT_OPS)
             new = np.transpose(arr, tuple(perm.value) if perm is not None else None)
         if len(list(value.uses())) != 1 or value.is_graph_output():
             continue
-        folded_value = _new_value(graph, f"{data.name or value.name}_folded", np.ascontiguousarray(new))
+        folded_value = _new_value(model, f"{data.name or value.name}_folded", np.ascontiguousarray(new))
         node.replace_input_with(1, folded_value)
         if not list(value.uses()):
             graph.remove(producer, safe=True)
@@ -545,7 +545,7 @@ def _apply_bias(model: ir.Model, layer: Layer, kind: str, value: ir.Value | None
         value.const_value = ir.tensor(new, name=value.name)
     elif kind == "new":
         dtype = layer.array().dtype
-        bias = _new_value(model.graph, f"{layer.weight.name or layer.name}_bias", delta.astype(dtype))
+        bias = _new_value(model, f"{layer.weight.name or layer.name}_bias", delta.astype(dtype))
         node = layer.node
         if len(node.inputs) < 3:
             node.resize_inputs(3)
@@ -576,15 +576,27 @@ def _sparsegpt(
     return layer.from_matrix(new, w.shape), layer.from_matrix(keep, w.shape)
 
 
-def _new_value(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def _value_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    for node in graph:
+        names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def _new_value(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer with a name unused in the main graph (also a graph input when IR < 4)."""
+    graph = model.graph
+    taken = _value_names(graph)
     base, i = name, 0
-    while name in graph.initializers:
+    while name in taken:
         i += 1
         name = f"{base}_{i}"
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape = ir.Shape(array.shape)
     value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
     graph.register_initializer(value)
+    if model.ir_version is not None and model.ir_version < 4:
+        graph.inputs.append(value)
     return value
 
 
@@ -604,8 +616,8 @@ def _encode(
     weight = layer.weight
     dtype = weight.const_value.dtype
     base = weight.name or layer.name
-    c = _new_value(graph, f"{base}_codes", codes)
-    s = _new_value(graph, f"{base}_step", np.array(step, dtype=np.float32))
+    c = _new_value(model, f"{base}_codes", codes)
+    s = _new_value(model, f"{base}_step", np.array(step, dtype=np.float32))
     nodes: list[ir.Node] = []
     cast = ir.node("Cast", [c], {"to": ir.DataType.FLOAT}, name=f"{base}_decode_cast")
     nodes.append(cast)
@@ -613,7 +625,7 @@ def _encode(
     nodes.append(mul)
     out = mul.outputs[0]
     if offset != 0.0:
-        o = _new_value(graph, f"{base}_offset", np.array(offset, dtype=np.float32))
+        o = _new_value(model, f"{base}_offset", np.array(offset, dtype=np.float32))
         if _opset(model) >= 9:
             sign = ir.node("Sign", [cast.outputs[0]], name=f"{base}_decode_sign")
         else:  # Sign needs opset 9; for integers Clip(c, -1, 1) is the sign

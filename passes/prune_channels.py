@@ -23,10 +23,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnxcomp.passes import channel_groups as cg
 
 from onnxcomp.errors import CalibrationError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxcomp.passes import channel_groups as cg
 
 __all__ = ["PruneChannelsConfig", "PruneChannelsPass", "channel_importance", "kept_count"]
 
@@ -210,14 +210,9 @@ class PruneChannelsPass(Pass):
                 new_shape = np.array([old[0], count * max(attr_edit.block, 1)], dtype=np.int64)
                 if old[1] == -1:
                     new_shape = old.astype(np.int64)
-                value = ir.Value(name=f"{shape_v.name}_pruned", const_value=ir.tensor(new_shape))
-                value.shape = ir.Shape([2])
-                value.type = ir.TensorType(ir.DataType.INT64)
-                base, i = value.name, 0
-                while value.name in model.graph.initializers:
-                    i += 1
-                    value.name = f"{base}_{i}"
-                model.graph.register_initializer(value)
+                from onnxcomp.passes.prune import _new_value
+
+                value = _new_value(model, f"{shape_v.name}_pruned", new_shape)
                 attr_edit.node.replace_input_with(1, value)
                 if (
                     not list(shape_v.uses())
@@ -280,10 +275,9 @@ def _refit_layers(
 ) -> list[str]:
     """Sequential dense refit (see ``prune_numerics.refit_dense``) of every Conv(group=1)/Gemm/MatMul,
     in topological order, bias included (own bias input, a following per-channel Add, or a new one)."""
+    from onnxcomp.ort_session import session_from_model, session_options
     from onnxcomp.passes import prune as up
     from onnxcomp.passes import prune_numerics as pn
-
-    from onnxcomp.ort_session import session_from_model, session_options
 
     orig_model = ir.from_proto(original)
     orig_inits = {

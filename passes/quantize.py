@@ -4,9 +4,10 @@ Modes (``mode``):
 
 - ``static-int8``: ``Op(x, W, b) -> Q/DQ(Op(DQ(Q(x)), DQ(W_q), DQ(b_q)))`` — QDQ format with per-channel
   int8 weights (Conv axis 0, ConvTranspose axis 1, MatMul/Gemm per output column), per-tensor
-  activations from streaming calibration statistics, int32 biases with ``s_b = s_x · s_w`` (what ONNX
-  Runtime's QDQ selectors need to fuse to QLinearConv / QLinearMatMul), Relu/Clip folded into the
-  following quantizer, MaxPool/Resize sharing their input's parameters.
+  activations from streaming calibration statistics, int32 biases with ``s_b = s_x · s_w``, Relu/Clip
+  folded into the following quantizer, MaxPool/Resize sharing their input's parameters — the placement
+  ONNX Runtime fuses to QLinearConv / QLinearMatMul. Lossless canonicalization first (no-op Casts,
+  per-channel Add/Sub/Mul/Div folded into Conv, Transpose pairs cancelled).
 - ``weight-only``: ``MatMul(x, W) -> MatMul(x, DQ(W_q, s, z))`` with 2..8-bit per-channel or block-wise
   weights (INT4/UINT4 containers for ≤ 4 bits), 16-bit weights as fp16 or int16, optionally
   com.microsoft ``MatMulNBits`` for 4-bit MatMuls.
@@ -20,6 +21,7 @@ Modes (``mode``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import platform
@@ -30,10 +32,10 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxcomp.passes import quant_numerics as qn
 
 from onnxcomp.errors import CalibrationError, PassError, TargetError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxcomp.passes import quant_numerics as qn
 
 __all__ = ["QuantizeConfig", "QuantizePass", "host_reduce_range"]
 
@@ -79,7 +81,8 @@ class QuantizeConfig:
     bits: int = 8
     #: activation type; "auto" takes it from the target (uint8 on x86 ONNX Runtime).
     activation_type: Literal["auto", "uint8", "int8", "uint16", "int16"] = "auto"
-    symmetric_activations: bool = False
+    #: None = from the target (``activation_symmetric``; False without a target).
+    symmetric_activations: bool | None = None
     symmetric_weights: bool = True
     #: 7-bit weights; None = from the target (on for x86 without VNNI).
     reduce_range: bool | None = None
@@ -92,6 +95,9 @@ class QuantizeConfig:
     observer: str = "minmax"
     percentile: float = 99.999
     bias_correction: bool = False
+    #: static-int8: int32 bias with s_b = s_x·s_w, as ONNX Runtime's quantizer emits; False keeps it
+    #: float (ONNX Runtime 1.32 fuses QLinearConv either way — tests/test_quantize.py measures both).
+    quantize_bias: bool = True
     gptq_damp: float = 0.01
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude_op_types: tuple[str, ...] = ()
@@ -218,8 +224,8 @@ def _ensure_opset(model: ir.Model, minimum: int) -> int | None:
     Returns the old opset when it converted. Initializers that are also graph inputs (IR < 4) become
     plain initializers first."""
     _drop_initializer_inputs(model)
-    _fold_constants(model.graph)
-    _fold_conv_bias(model.graph)
+    _infer_types(model)
+    _canonicalize(model)
     old = _opset(model)
     if old >= minimum:
         _infer_types(model)
@@ -326,38 +332,146 @@ def _fold_constants(graph: ir.Graph) -> int:
     return folded
 
 
-def _fold_conv_bias(graph: ir.Graph) -> int:
-    """``Add(Conv(x, W), c)`` with a per-channel constant ``c`` -> ``Conv(x, W, b + c)``."""
+def _channel_vector(c: np.ndarray, channels: int, axis: int, rank: int) -> np.ndarray | None:
+    """``c`` as a ``[channels]`` vector if it broadcasts along ``axis`` of a rank-``rank`` tensor only."""
+    if c.dtype != np.float32 or c.ndim > rank:
+        return None
+    if c.size == 1:
+        return np.full(channels, float(c.reshape(())), np.float32)
+    full = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if full.shape[axis] != channels or full.size != channels:
+        return None
+    return full.reshape(-1).astype(np.float32)
+
+
+def _single_consumer(v: ir.Value) -> ir.Node | None:
+    uses = list(v.uses())
+    if v.is_graph_output() or len(uses) != 1:
+        return None
+    return uses[0].node
+
+
+def _fold_conv_affine(graph: ir.Graph) -> int:
+    """Fold per-channel constant ``Add/Sub/Mul/Div`` after a ``Conv`` into its weights and bias
+    (``Mul(Conv(x, W, b), c) -> Conv(x, W·c, b·c)``; decomposed BatchNorm), looking through a
+    ``Transpose(0, 2, 3, 1)`` that moves the channels last. Returns the number of ops folded."""
     names = _Names(graph)
     folded = 0
     for node in list(graph):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or _attr(node, "group", 1) != 1:
             continue
         w = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        y = node.outputs[0]
-        uses = list(y.uses())
-        if w is None or y.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != "Add":
+        if w is None or w.dtype != np.float32:
             continue
-        add = uses[0].node
-        c = _const_array(add.inputs[1 - uses[0].idx])
-        if c is None or c.dtype != np.float32 or c.size not in (1, w.shape[0]):
-            continue
-        per_channel = c.ndim == w.ndim - 1 or (c.ndim == w.ndim and c.shape[0] == 1)
-        if c.size != 1 and not (per_channel and c.shape[-(w.ndim - 1)] == w.shape[0]):
-            continue
+        rank = w.ndim
         b = _const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        nb = (np.zeros(w.shape[0], np.float32) if b is None else b) + c.reshape(-1)
-        bv = _const(graph, names, f"{node.name or 'Conv'}_bias", nb.astype(np.float32))
-        if len(node.inputs) < 3:
-            node.resize_inputs(3)
-        node.replace_input_with(2, bv)
-        z = add.outputs[0]
-        if z.is_graph_output():
+        if len(node.inputs) > 2 and node.inputs[2] is not None and b is None:
             continue
-        z.replace_all_uses_with(y)
-        graph.remove(add, safe=True)
-        folded += 1
+        w, b = w.copy(), (np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32).copy())
+        cur, axis, count = node.outputs[0], 1, 0
+        while True:
+            nxt = _single_consumer(cur)
+            if nxt is None or nxt.domain not in ("", "ai.onnx"):
+                break
+            if (
+                nxt.op_type == "Transpose"
+                and axis == 1
+                and tuple(_attr(nxt, "perm", ())) == (0, *range(2, rank), 1)
+            ):
+                cur, axis = nxt.outputs[0], rank - 1
+                continue
+            if nxt.op_type not in ("Add", "Sub", "Mul", "Div") or len(nxt.inputs) != 2:
+                break
+            idx = 0 if nxt.inputs[0] is cur else 1
+            c = _const_array(nxt.inputs[1 - idx])
+            vec = None if c is None else _channel_vector(c, w.shape[0], axis, rank)
+            if vec is None or nxt.outputs[0].is_graph_output():
+                break
+            shape = (-1,) + (1,) * (rank - 1)
+            if nxt.op_type == "Add":
+                b = b + vec
+            elif nxt.op_type == "Sub":
+                if idx == 0:
+                    b = b - vec
+                else:
+                    w, b = -w, vec - b
+            elif nxt.op_type == "Mul":
+                w, b = w * vec.reshape(shape), b * vec
+            else:
+                if idx != 0 or np.any(vec == 0):
+                    break
+                w, b = w / vec.reshape(shape), b / vec
+            out = nxt.outputs[0]
+            out.replace_all_uses_with(cur)
+            graph.remove(nxt, safe=True)
+            count += 1
+        if count:
+            node.replace_input_with(
+                1, _const(graph, names, f"{node.inputs[1].name}_folded", w.astype(np.float32))
+            )
+            if len(node.inputs) < 3:
+                node.resize_inputs(3)
+            node.replace_input_with(
+                2, _const(graph, names, f"{node.name or 'Conv'}_bias", b.astype(np.float32))
+            )
+            folded += count
     return folded
+
+
+_INVERSE_SAFE = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "Identity"})
+
+
+def _cancel_transposes(graph: ir.Graph) -> int:
+    """``Transpose(q)(f(Transpose(p)(x))) -> f(x)`` when ``q∘p`` is the identity and ``f`` is an
+    elementwise unary op (or nothing); every intermediate value has a single consumer."""
+    removed = 0
+    for t1 in list(graph):
+        if t1.op_type != "Transpose" or t1.graph is None:
+            continue
+        p = tuple(_attr(t1, "perm", ()))
+        mid = _single_consumer(t1.outputs[0])
+        act = None
+        if mid is not None and mid.op_type in _INVERSE_SAFE and mid.inputs[0] is t1.outputs[0]:
+            act, mid = mid, _single_consumer(mid.outputs[0])
+        if mid is None or mid.op_type != "Transpose" or not p:
+            continue
+        q = tuple(_attr(mid, "perm", ()))
+        if len(q) != len(p) or tuple(p[i] for i in q) != tuple(range(len(p))):
+            continue
+        x = t1.inputs[0]
+        if act is not None:
+            act.replace_input_with(0, x)
+            mid.outputs[0].replace_all_uses_with(act.outputs[0])
+            act.outputs[0].shape = x.shape
+        else:
+            mid.outputs[0].replace_all_uses_with(x)
+        graph.remove([mid, t1], safe=True)
+        removed += 2
+    return removed
+
+
+def _remove_noop_casts(graph: ir.Graph) -> int:
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Cast" or node.inputs[0] is None or node.outputs[0].is_graph_output():
+            continue
+        if node.inputs[0].dtype is not None and int(node.inputs[0].dtype) == int(_attr(node, "to", -1)):
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
+            removed += 1
+    return removed
+
+
+def _canonicalize(model: ir.Model) -> dict[str, int]:
+    """Lossless rewrites that put quantizable ops next to each other (so Relu folds into the
+    quantizer and ONNX Runtime fuses integer kernels): fold constant shape ops, drop no-op Casts,
+    fold per-channel affine ops into Conv, cancel Transpose pairs around elementwise ops."""
+    graph = model.graph
+    out = {"folded_constants": _fold_constants(graph)}
+    out["noop_casts_removed"] = _remove_noop_casts(graph)
+    out["affine_ops_folded_into_conv"] = _fold_conv_affine(graph)
+    out["transposes_cancelled"] = _cancel_transposes(graph)
+    return {k: v for k, v in out.items() if v}
 
 
 def _excluded(node: ir.Node, cfg: QuantizeConfig) -> bool:
@@ -998,6 +1112,9 @@ class QuantizePass(Pass):
             )
             if act not in _QTYPES:
                 act = "uint8"
+        if cfg.symmetric_activations is None:
+            sym = bool(getattr(target, "activation_symmetric", False)) if target is not None else False
+            cfg = dataclasses.replace(cfg, symmetric_activations=sym)
         return quantize_static_qdq(
             model, ctx, cfg, activation_type=act, reduce_range=self._reduce_range(cfg, target)
         )

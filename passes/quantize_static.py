@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxcomp.errors import CalibrationError
+from onnxcomp.pass_base import PassContext, PassResult
 from onnxcomp.passes import quant_numerics as qn
 from onnxcomp.passes.quantize import (
     _QTYPES,
@@ -41,9 +44,6 @@ from onnxcomp.passes.quantize import (
     _remove_unused_initializers,
     _samples,
 )
-
-from onnxcomp.errors import CalibrationError
-from onnxcomp.pass_base import PassContext, PassResult
 
 __all__ = ["quantize_static_qdq"]
 
@@ -365,7 +365,7 @@ def quantize_static_qdq(
         xname = plan.alias.get(lay.x.name, lay.x.name)
         if b is not None and node.op_type == "Gemm" and b.ndim == 2 and b.shape[0] == 1:
             b = b.reshape(-1)  # [1, N] broadcasts like [N]
-        if b is not None and b.ndim == 1 and xname in params:
+        if b is not None and b.ndim == 1 and xname in params and cfg.quantize_bias:
             s_x = float(params[xname][0])
             s_w = (
                 np.broadcast_to(np.asarray(qw.scale, np.float64), (b.shape[0],))
@@ -411,6 +411,7 @@ def quantize_static_qdq(
             "method": cfg.method,
             "activation_type": activation_type,
             "reduce_range": reduce_range,
+            "symmetric_activations": cfg.symmetric_activations,
             "observer": cfg.observer,
             "opset_converted_from": old,
             "quantized_nodes": len(plan.nodes),

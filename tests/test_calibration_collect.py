@@ -10,9 +10,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 from onnxcomp.calibration.collect import collect_statistics, stream_tensors
 from onnxcomp.calibration.observers import MinMaxObserver
-
 from onnxcomp.errors import CalibrationError
 from onnxcomp.progress import Progress
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from onnxcomp.calibration.config import CalibrationConfig
 
+from onnxcomp.calibration.config import CalibrationConfig
 from onnxcomp.config import config_to_dict, from_mapping
 from onnxcomp.errors import RecipeError
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from onnxcomp.calibration.observers import (
     EntropyObserver,
     MinMaxObserver,
@@ -15,7 +16,6 @@ from onnxcomp.calibration.observers import (
     SymmetricHistogram,
     make_observer,
 )
-
 from onnxcomp.errors import CalibrationError
 
 

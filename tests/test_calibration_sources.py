@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+
 from onnxcomp.calibration.config import CalibrationConfig
 from onnxcomp.calibration.sources import SizedSampleSource, model_input_specs, open_source
-
 from onnxcomp.errors import CalibrationError
 
 

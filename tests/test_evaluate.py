@@ -216,7 +216,6 @@ def test_image_folder_labels_follow_files(zoo_dir: Path, tmp_path: Path) -> None
     """Images + labels.csv with a file column: labels are matched to images by name."""
     from onnxcomp.calibration.config import CalibrationConfig
     from onnxcomp.calibration.sources import open_source
-
     from onnxcomp.model_io import load_model
 
     folder = zoo_dir / "images" / "imagenet-100"

@@ -10,11 +10,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxcomp.passes.factorize import FactorizeConfig, FactorizePass
 
 from onnxcomp.errors import CalibrationError, RecipeError
 from onnxcomp.ort_session import session_from_model
 from onnxcomp.pass_base import PassContext, create_pass
+from onnxcomp.passes.factorize import FactorizeConfig, FactorizePass
 
 EXACT = {"rank_rule": "fixed", "fixed_rank": 10_000, "min_saving": -1.0, "min_params": 0}
 
@@ -507,3 +507,18 @@ def test_gram_cache_is_reused_across_runs() -> None:
     assert len(calls) == 1 and len(shared[GRAM_CACHE_KEY]) == 1
     assert first["layers"][0]["output_rel_error"] == second["layers"][0]["output_rel_error"]
     assert second["calibration_samples"] == 4
+
+
+def test_factors_compose_with_weight_only_quantization() -> None:
+    rng = np.random.default_rng(27)
+    w = rng.standard_normal((96, 8)) @ rng.standard_normal((8, 80))
+    model = _matmul_model(w)
+    x = rng.standard_normal((2, 5, 96)).astype(np.float32)
+    ref = _run(model, {"x": x})
+    _apply(model, {"rank_rule": "fixed", "fixed_rank": 8, "min_params": 0})
+    result = create_pass("quantize", {"mode": "weight-only", "bits": 8}).run(model, PassContext())
+    assert result.changed
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMul") == 2 and "DequantizeLinear" in ops
+    out = _run(model, {"x": x})
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.02

@@ -8,11 +8,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxcomp.passes import prune_numerics as pn
-from onnxcomp.passes.prune import PrunePass
 
 from onnxcomp.errors import CalibrationError, RecipeError
 from onnxcomp.pass_base import PassContext, create_pass
+from onnxcomp.passes import prune_numerics as pn
+from onnxcomp.passes.prune import PrunePass
 
 RNG = np.random.default_rng(0)
 
@@ -311,3 +311,26 @@ def test_folds_reshaped_weight_and_reports_skips() -> None:
     assert result.details["weights_folded"] == ["wraw_folded"]
     assert result.details["layers"][0]["sparsity"] == 0.5
     assert {"layer": "dyn", "reason": "weight is not an initializer"} in result.details["skipped"]
+
+
+def test_sparsegpt_pattern_and_error() -> None:
+    x = RNG.normal(size=(400, 16)) @ RNG.normal(size=(16, 16))
+    w = RNG.normal(size=(8, 16))
+    h = x.T @ x
+    new, keep = pn.sparsegpt(w, h, sparsity=0.5, blocksize=8)
+    assert np.count_nonzero(~keep) == 64 and np.all(new[~keep] == 0)
+    lowest = np.where(pn.lowest_mask(np.abs(w), 64), w, 0)
+    err = np.linalg.norm(x @ (new - w).T)
+    assert err < np.linalg.norm(x @ (lowest - w).T)  # OBS updates beat plain magnitude pruning
+    new, keep = pn.sparsegpt(w, h, sparsity=0.0, nm=(2, 4))
+    assert np.all(keep.reshape(-1, 4).sum(axis=1) == 2)
+
+
+def test_sparsegpt_pass_on_conv_keeps_two_four_along_channels() -> None:
+    w = RNG.normal(size=(8, 8, 3, 3))
+    model = _conv_model(w)
+    x = RNG.normal(size=(16, 1, 8, 9, 9)).astype(np.float32)
+    ctx = PassContext(calibration=lambda: ({"x": xi} for xi in x))
+    create_pass("prune", {"method": "sparsegpt", "nm": "2:4", "min_size": 0}).run(model, ctx)
+    groups = np.moveaxis(_weight(model, "w"), 1, -1).reshape(-1, 4)
+    assert np.all(np.count_nonzero(groups, axis=1) == 2)

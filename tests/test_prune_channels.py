@@ -7,11 +7,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxcomp.passes import channel_groups as cg
-from onnxcomp.passes.prune_channels import PruneChannelsPass, kept_count
 
 from onnxcomp.errors import RecipeError
 from onnxcomp.pass_base import PassContext, create_pass
+from onnxcomp.passes import channel_groups as cg
+from onnxcomp.passes.prune_channels import PruneChannelsPass, kept_count
 
 RNG = np.random.default_rng(1)
 
@@ -191,3 +191,30 @@ def test_blocks_what_it_does_not_understand() -> None:
     assert any("Softmax" in r for r in result.details["blocked_reasons"])
     with pytest.raises(RecipeError, match="ratio"):
         create_pass("prune-channels", {"ratio": 1.0})
+
+
+def test_bias_compensation_keeps_a_constant_channel_exact() -> None:
+    """A removed channel that is constant (zero weights, bias 2 → relu 2) moves into the consumer bias."""
+    w1 = RNG.normal(size=(8, 3, 1, 1))
+    b1 = RNG.normal(size=8)
+    w1[5], b1[5] = 0.0, 2.0
+    inits = {"w1": w1, "b1": b1, "w2": RNG.normal(size=(4, 8, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="c1"),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="c2"),
+    ]
+    x = RNG.normal(size=(4, 1, 3, 4, 4)).astype(np.float32)
+    ref = [_run(_model(nodes, inits, [1, 3, 4, 4]), xi)[0] for xi in x]
+    for compensate in (False, True):
+        model = _model(nodes, inits, [1, 3, 4, 4])
+        ctx = PassContext(calibration=lambda: ({"x": xi} for xi in x))
+        result = PruneChannelsPass({"ratio": 0.125, "compensate": compensate}).run(model, ctx)
+        assert _w(model, "w1").shape[0] == 7
+        got = [_run(model, xi)[0] for xi in x]
+        err = max(float(np.abs(g - r).max()) for g, r in zip(got, ref, strict=True))
+        if compensate:
+            assert result.details["bias_compensated_layers"] == ["c2"]
+            assert err < 1e-5  # a new bias Σ_k W2[:, 5]·2 replaced the constant channel
+        else:
+            assert err > 0.1

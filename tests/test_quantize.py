@@ -11,11 +11,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnxcomp.passes import quant_numerics as qn
 
 from onnxcomp.errors import CalibrationError, RecipeError, TargetError
 from onnxcomp.ort_session import session_from_model, session_options
 from onnxcomp.pass_base import PassContext, create_pass
+from onnxcomp.passes import quant_numerics as qn
 
 RNG = np.random.default_rng(0)
 
@@ -189,10 +189,20 @@ def test_static_int8_needs_data_and_refuses_target_without_int8() -> None:
 
 
 def test_target_chooses_activation_type_and_reduce_range() -> None:
-    vnni = SimpleNamespace(name="x86-vnni", supports_int8=True, reduce_range=False, activation_dtype="int8")
+    arm = SimpleNamespace(
+        name="arm", supports_int8=True, reduce_range=False, activation_dtype="int8", activation_symmetric=True
+    )
     m = cnn()
-    d = quantize(m, image_samples(4), target=vnni).details
-    assert d["reduce_range"] is False and d["activation_type"] == "int8"
+    d = quantize(m, image_samples(4), target=arm).details
+    assert (
+        d["reduce_range"] is False and d["activation_type"] == "int8" and d["symmetric_activations"] is True
+    )
+    # the onnxcomp target object for this host
+    from onnxcomp.targets.registry import get_target
+
+    host = get_target("ort-cpu")
+    d2 = quantize(cnn(), image_samples(4), target=host).details
+    assert d2["reduce_range"] == host.reduce_range and d2["activation_type"] == host.activation_dtype
 
 
 def test_exclusions_and_automatic_fallback() -> None:
@@ -297,7 +307,7 @@ def test_gptq_beats_round_to_nearest_on_outputs() -> None:
     quantize(rtn, calib, mode="weight-only", bits=3)
     quantize(gptq, calib, mode="weight-only", bits=3, method="gptq")
     s_rtn, s_gptq = qn.sqnr_db(ref, run(rtn, held)), qn.sqnr_db(ref, run(gptq, held))
-    assert s_gptq > s_rtn + 1.0, (s_rtn, s_gptq)
+    assert s_gptq > s_rtn + 1.5, (s_rtn, s_gptq)  # measured: 11.5 dB (RTN) vs 14.5 dB (GPTQ)
 
 
 def test_weight_only_bias_correction_shifts_following_add() -> None:
@@ -444,7 +454,10 @@ def test_op_coverage_convtranspose_clip_concat_resize_sigmoid(tmp_path: Path) ->
     assert np.array_equal(q_after.inputs[1].const_value.numpy(), dq_before.inputs[1].const_value.numpy())
     assert cosine(run(m, calib), ref) > 0.99
     fused = optimized_ops(m, tmp_path)
-    assert fused["QLinearConv"] == 1 and fused["QLinearConcat"] + fused["QLinearMul"] + fused["QLinearSigmoid"] >= 1, fused
+    assert (
+        fused["QLinearConv"] == 1
+        and fused["QLinearConcat"] + fused["QLinearMul"] + fused["QLinearSigmoid"] >= 1
+    ), fused
 
 
 @pytest.mark.parametrize("name", ["safe-int8", "int4-weights", "fp16", "seed003-uniform"])
@@ -454,3 +467,68 @@ def test_shipped_recipes_parse(name: str) -> None:
     recipe = load_recipe(name)
     spec = next(s for s in recipe.passes if s.name == "quantize")
     assert create_pass("quantize", spec.options).config.mode in ("static-int8", "weight-only", "fp16")
+
+
+def test_calibration_batching_does_not_change_the_model() -> None:
+    calib = image_samples(10)
+    one, four = cnn(), cnn()
+    quantize(one, calib, calibration_batch=1)
+    quantize(four, calib, calibration_batch=4)
+    scales = lambda m: {  # noqa: E731
+        n.name: n.inputs[1].const_value.numpy().tolist() for n in m.graph if n.op_type == "QuantizeLinear"
+    }
+    assert scales(one) == scales(four) and len(scales(one)) >= 5
+
+
+def test_canonicalize_folds_decomposed_batchnorm_and_cancels_transposes() -> None:
+    """Conv -> Transpose(NHWC) -> Cast -> Sub/Mul/Add per channel -> Relu -> Transpose(NCHW) -> Conv
+    (open-nsfw's pattern) becomes Conv -> Relu -> Conv, with the same outputs."""
+    from onnxcomp.passes.quantize import _canonicalize, _infer_types
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        t = Transpose <perm = [0, 2, 3, 1]> (c)
+        k = Cast <to = 1> (t)
+        s = Sub (k, mean)
+        m = Mul (s, gamma)
+        a = Add (m, beta)
+        r = Relu (a)
+        u = Transpose <perm = [0, 3, 1, 2]> (r)
+        y = Conv <pads = [1, 1, 1, 1]> (u, w2)
+    }
+    """
+    rng = np.random.default_rng(5)
+    p = onnx.parser.parse_model(text)
+    p.graph.initializer.extend(
+        [
+            _init("w1", rng.normal(0, 0.3, (4, 3, 3, 3))),
+            _init("mean", rng.normal(0, 0.1, (1, 1, 1, 4))),
+            _init("gamma", rng.uniform(0.5, 2, (1, 1, 1, 4))),
+            _init("beta", rng.normal(0, 0.1, (4,))),
+            _init("w2", rng.normal(0, 0.3, (4, 4, 3, 3))),
+        ]
+    )
+    x = [{"x": rng.normal(size=(2, 3, 8, 8)).astype(np.float32)}]
+    ref = run(ir.from_proto(p), x)
+    m = ir.from_proto(p)
+    _infer_types(m)
+    done = _canonicalize(m)
+    assert [n.op_type for n in m.graph] == ["Conv", "Relu", "Conv"], done
+    assert done["affine_ops_folded_into_conv"] == 3 and done["transposes_cancelled"] == 2
+    assert np.allclose(run(m, x), ref, atol=1e-5)
+
+
+def test_float_and_int32_bias_both_fuse(tmp_path: Path) -> None:
+    """ONNX Runtime 1.32 fuses QDQ Conv with either bias form (measured); int32 (s_b = s_x·s_w) is
+    the default, as in ONNX Runtime's own quantizer."""
+    calib, held = image_samples(8), image_samples(12)[8:]
+    ref = run(cnn(), held)
+    outs = {}
+    for qb in (True, False):
+        m = cnn()
+        quantize(m, calib, quantize_bias=qb)
+        assert optimized_ops(m, tmp_path)["QLinearConv"] == 2
+        outs[qb] = run(m, held)
+    assert cosine(outs[True], ref) > 0.995 and cosine(outs[False], ref) > 0.995
