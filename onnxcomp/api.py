@@ -205,8 +205,9 @@ def optimize(
         ir_model = load_model(input_path)
         check_no_nan_weights(ir_model, source=str(input_path))
         target_obj = _resolve_target(resolved)
-        if target_obj is not None and hasattr(target_obj, "check_recipe"):
+        if target_obj is not None:
             target_obj.check_recipe(resolved)
+            target_obj.check_model(input_path)  # e.g. a QDQ input for a target without INT8
         passes = resolved.build_passes()
         calib_source, holdout = _calibration_sources(resolved, ir_model)
         needing = [p.name for p in passes if getattr(p, "needs_calibration", False)]
@@ -237,6 +238,7 @@ def optimize(
             external_data=resolved.output.external_data,
             external_data_over=int(resolved.output.external_data_over_mb * (1 << 20)),
         ) as staged:
+            target_issues = _check_target_output(target_obj, staged.path)
             if resolved.verify.enabled:
                 samples = (
                     verify_samples
@@ -285,6 +287,8 @@ def optimize(
             "recipe": resolved.as_dict(),
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if target_issues is not None:
+            result_report["target_issues"] = target_issues
         if artifact is not None:
             result_report["artifact"] = {"path": str(artifact), "size_bytes": artifact.stat().st_size}
         warnings = []
@@ -304,6 +308,19 @@ def optimize(
         return OptimizeResult(ir_model, written, result_report, artifact, warnings)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _check_target_output(target: Any, path: Path) -> list[dict[str, Any]] | None:
+    """Refuse an output the target cannot run; for TensorRT targets also run the parser compatibility check."""
+    if target is None:
+        return None
+    target.check_model(path)
+    if getattr(target, "runtime", None) != "tensorrt":
+        return None
+    from onnxcomp.targets.tensorrt import DEFAULT_TRT_VERSION, assert_compatible
+
+    issues = assert_compatible(path, target.trt_version or DEFAULT_TRT_VERSION, target=target)
+    return [i.as_dict() for i in issues]
 
 
 def _pack(model: ir.Model, recipe: Recipe, pack: Any, base: Path, progress: Progress) -> Path:

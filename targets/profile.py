@@ -70,9 +70,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxcomp.targets.base import Target
 
 from onnxcomp.errors import OutputError, TargetError
+from onnxcomp.targets.base import Target
 
 __all__ = [
     "SCHEMA",
@@ -982,6 +982,7 @@ def _group_trt_layers(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """TensorRT layer times grouped by the ONNX op type of each fused layer's first node."""
     import onnx
+
     from onnxcomp.targets.trtexec import layer_op_type
 
     proto = onnx.load(str(model), load_external_data=False)
@@ -1026,10 +1027,10 @@ def compile_model(
     one; ``"extended"`` keeps the model portable across ORT CPU hosts. Written atomically.
     """
     import onnxruntime as ort
-    from onnxcomp.targets.registry import get_target
 
     from onnxcomp.model_io import check_output_path
     from onnxcomp.ort_session import session_options
+    from onnxcomp.targets.registry import get_target
 
     tgt = get_target(target)
     if tgt.runtime != "onnxruntime":

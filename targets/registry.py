@@ -15,13 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from onnxcomp.config import from_mapping
+from onnxcomp.errors import RecipeError, TargetError
 from onnxcomp.targets.base import Target, check_recipe_compat
 from onnxcomp.targets.jetson import JETSON_PROFILES, jetson_target
 from onnxcomp.targets.onnxruntime import host_from_name, ort_arm64_target, ort_cpu_target
 from onnxcomp.targets.tensorrt import DEFAULT_TRT_VERSION, tensorrt_target
-
-from onnxcomp.config import from_mapping
-from onnxcomp.errors import RecipeError, TargetError
 
 __all__ = ["TargetOptions", "available_targets", "get_target", "register_target"]
 

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxcomp.targets.base import Issue, Target, format_issues
 
 from onnxcomp.errors import TargetError
+from onnxcomp.targets.base import Issue, Target
 
 __all__ = [
     "DEFAULT_TRT_VERSION",
@@ -565,9 +565,10 @@ def assert_compatible(
     issues = check_compat(model, trt_version, target=target)
     errors = [i for i in issues if i.severity == "error"]
     if errors:
+        more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
         raise TargetError(
-            f"the model cannot be built with TensorRT {trt_version} ({len(errors)} problem(s)); first: "
-            f"{errors[0]}\n{format_issues(issues)}"
+            f"the model cannot be built with TensorRT {trt_version}: {errors[0]}{more} "
+            "(`onnxcomp trt-check MODEL --target NAME` lists them all)"
         )
     return issues
 

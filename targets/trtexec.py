@@ -34,9 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxcomp.targets.base import Target, model_precisions
-
 from onnxcomp.errors import TargetError
+from onnxcomp.targets.base import Target, model_precisions
 
 __all__ = [
     "TRTEXEC_FILES",
