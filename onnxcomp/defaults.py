@@ -25,6 +25,8 @@ def default_recipe_data(*, calibrated: bool, target: str | None = None) -> dict[
 
         target_obj = get_target(target)
     has_quantize = "quantize" in available_passes()
+    if target_obj is not None and target_obj.opset_max is not None:
+        passes.append({"name": "opset", "version": 0})  # lowers the opset only when above the target's limit
     if target_obj is not None and not target_obj.supports_int8 and target_obj.supports_fp16 and has_quantize:
         passes.append({"name": "quantize", "mode": "fp16", "keep_io_types": True})
         data["description"] = f"default for {target_obj.name}: cleanup + fp16 weights (the target has no fast INT8)"
