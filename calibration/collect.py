@@ -39,10 +39,14 @@ def tensor_names(model: ir.Model) -> set[str]:
 
 
 def calibration_session_options(*, threads: int | None = None) -> ort.SessionOptions:
-    """Session options for collection: full graph optimization (requested outputs are kept) and no
-    spin-waiting of ORT's threads, which would steal the cores the observers run on between samples."""
+    """Session options for collection: full graph optimization (requested outputs are kept), no
+    spin-waiting of ORT's threads (it would steal the cores the observers run on between samples),
+    priority-based execution order."""
     options = session_options(threads=threads, optimization="all")
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # runs statistics nodes as soon as their input exists (the default order may defer them to the end
+    # and keep every intermediate alive: 2x the peak memory on a ResNet-50)
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return options
 
 
@@ -109,15 +113,25 @@ def stream_tensors(
             else:
                 raise CalibrationError(f"sample {index} has no value for the graph input {name!r}")
         if session is not None:
-            feed = {k: v for k, v in sample.items() if k in feedable}
             try:
-                values = session.run(run, feed)
+                # OrtValues viewed as numpy arrays: the outputs are not copied (half the peak memory)
+                feed = {
+                    k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                    for k, v in sample.items()
+                    if k in feedable
+                }
+                values = session.run_with_ort_values(run, feed)
             except Exception as exc:  # ORT raises its own exception types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise CalibrationError(f"ONNX Runtime failed on calibration sample {index}: {first}") from exc
-            out.update(zip(run, values, strict=True))
+            bad = [name for name, value in zip(run, values, strict=True) if not value.is_tensor()]
+            if bad:
+                raise CalibrationError(f"{bad[0]!r} is not a tensor (a sequence or map); it has no range")
+            out.update(zip(run, [value.numpy() for value in values], strict=True))
+            del values, feed  # no OrtValue of this sample may outlive it (it would pin ORT's arena)
         out.update(constants)
         yield {name: out[name] for name in names}
+        del out
 
 
 def collect_statistics(
@@ -164,15 +178,15 @@ def collect_statistics(
         for values in stream_tensors(model, names, samples, options=options):
             size = sum(v.nbytes for v in values.values())
             if size >= buffer_bytes:
-                for name, value in values.items():
-                    observers[name].update(value)
+                for name in names:
+                    observers[name].update(values[name])
             else:
-                for name, value in values.items():
-                    pending[name].append(value)
+                for name in names:
+                    pending[name].append(values[name])
                 pending_bytes += size
                 if pending_bytes >= buffer_bytes:
                     flush()
-            del values
+            del values  # nothing of this sample may stay referenced while the next one runs
             seen += 1
             step(1)
         flush()
@@ -213,15 +227,25 @@ def _collect_minmax_in_graph(
     try:
         for k, name in enumerate(run):
             value = values[name]
-            cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT.value}, name=f"_onnxcomp_cast_{k}")
-            lo = ir.node("ReduceMin", cast.outputs, {"keepdims": 0}, name=f"_onnxcomp_min_{k}")
-            hi = ir.node("ReduceMax", cast.outputs, {"keepdims": 0}, name=f"_onnxcomp_max_{k}")
+            nodes: list[ir.Node] = []
+            reduced = value
+            if value.dtype != ir.DataType.FLOAT:  # fp16/fp64/int or unknown: reduce in fp32
+                cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT.value}, name=f"_onnxcomp_cast_{k}")
+                cast.outputs[0].name = f"_onnxcomp_cast_{k}"
+                nodes.append(cast)
+                reduced = cast.outputs[0]
+            lo = ir.node("ReduceMin", [reduced], {"keepdims": 0}, name=f"_onnxcomp_min_{k}")
+            hi = ir.node("ReduceMax", [reduced], {"keepdims": 0}, name=f"_onnxcomp_max_{k}")
             size = ir.node("Size", [value], name=f"_onnxcomp_size_{k}")
-            for suffix, node in (("cast", cast), ("min", lo), ("max", hi), ("size", size)):
+            for suffix, node in (("min", lo), ("max", hi), ("size", size)):
                 node.outputs[0].name = f"_onnxcomp_{suffix}_{k}"
-            added += [cast, lo, hi, size]
+            nodes += [lo, hi, size]
+            # right after the producer: ONNX Runtime runs them at once and frees the tensor as usual
+            producer = value.producer()
+            assert producer is not None
+            graph.insert_after(producer, nodes)
+            added += nodes
             outputs[name] = (lo.outputs[0].name, hi.outputs[0].name, size.outputs[0].name)
-        graph.extend(added)
         fetch = [o for triple in outputs.values() for o in triple]
         session = None
         if fetch:

@@ -156,10 +156,20 @@ def test_no_tensor_outlives_its_sample(monkeypatch: pytest.MonkeyPatch) -> None:
 
     refs: list[weakref.ref] = []
 
+    stale: list[int] = []
+    run = ort.InferenceSession.run_with_ort_values
+
+    def checked_run(self, *args, **kwargs):
+        # when a sample runs, no tensor of an earlier sample may be alive: it would pin ORT's arena
+        stale.append(sum(r() is not None for r in refs))
+        return run(self, *args, **kwargs)
+
     class Recording(MinMaxObserver):
         def update(self, x):  # type: ignore[override]
             refs.append(weakref.ref(x))
             super().update(x)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_ort_values", checked_run)
 
     monkeypatch.setitem(observers.OBSERVERS, "minmax", Recording)
     model, _ = _conv_model()
@@ -167,6 +177,7 @@ def test_no_tensor_outlives_its_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     gc.collect()
     assert len(refs) == 150  # one update per tensor per sample
     assert sum(r() is not None for r in refs) == 0
+    assert len(stale) == 50 and max(stale) == 0
     refs.clear()
     pooled = collect_statistics(
         model, ["c", "r", "y"], _samples(50), buffer_bytes=20_000, minmax_in_graph=False

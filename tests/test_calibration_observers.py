@@ -263,3 +263,14 @@ def test_mse_prefix_sums_match_brute_force() -> None:
         if err < best_err:
             best, best_err = (a, b), err
     assert (lo, hi) == pytest.approx(best)
+
+
+def test_histogram_growth_by_a_huge_factor() -> None:
+    """From all-zero (smallest radius) to large values: bins collapse exactly into the two middle ones."""
+    x = np.array([0.0, -1e-30, 3.0, -2.0, 0.0], dtype=np.float32)
+    for cut in (1, 2, 5):
+        obs = _feed(PercentileObserver(percentile=100.0, bins=256), x, cut)
+        whole = PercentileObserver(percentile=100.0, bins=256)
+        whole.update(x)
+        np.testing.assert_array_equal(obs.hist.counts, whole.hist.counts)
+        assert obs.hist.counts.sum() == 5

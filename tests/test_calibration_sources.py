@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +344,10 @@ def test_mnist_idx_digits_and_real_images(tmp_path: Path, zoo_dir: Path) -> None
     rows = [s["data_0"] for s in open_source(cfg, model=squeeze)]
     assert [r.shape for r in rows] == [(1, 3, 224, 224)] * 3
     assert -130 < min(float(r.min()) for r in rows) and max(float(r.max()) for r in rows) < 155
+
+
+def test_missing_pillow_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_images(tmp_path / "imgs", 1, size=(8, 8))
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now raises ImportError
+    with pytest.raises(CalibrationError, match=r"needs Pillow: `pip install onnxcomp\[images\]`"):
+        open_source(CalibrationConfig(data=str(tmp_path / "imgs")), model=_model("float[1,3,8,8] x"))

@@ -146,7 +146,13 @@ def test_bad_rebuilt_data_checksum_is_refused(artifact: Path, tmp_path: Path) ->
     def corrupt(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
         manifest["external_data"]["sha256"] = "0" * 64
 
-    _refused(_mutate(artifact, tmp_path / "bad.zip", corrupt), "rebuilt data file")
+    bad = _mutate(artifact, tmp_path / "bad.zip", corrupt)
+    with pytest.raises(ArtifactError, match="rebuilt data file"):
+        read_artifact(bad)
+    with pytest.raises(ArtifactError, match="rebuilt data file"):
+        unpack(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    load_session(bad)  # load_session checks every member; the rebuild check guards only the decoders
 
 
 def test_inconsistent_sparse_indices_are_refused(artifact: Path, tmp_path: Path) -> None:

@@ -155,8 +155,11 @@ def update_baseline(
 
     man = load_manifest(manifest, zoo_root=zoo_root)
     checks = _run(man, names, ci, recipe, compare=False)
-    _echo_table(checks_table(checks))
     n = write_baselines(man, checks)
+    for c in checks:
+        if c.status == "new":
+            c.status, c.problems = "recorded", []
+    _echo_table(checks_table(checks))
     typer.echo(f"recorded {n} baseline(s) in {man.path}", err=True)
     if any(c.status == "error" for c in checks):
         raise typer.Exit(1)
