@@ -178,7 +178,7 @@ def size_row(name: str, src: Path, work: Path, *, alternatives: bool = True) -> 
         if variant == "int8" and alternatives:
             alt = pack_model(out, work / "alt.zip", config=PackConfig(sparse="auto", order="model"))
             row["int8_model_order_bytes"] = alt.artifact_bytes
-            for codec, level in (("lzma", 9), ("zstd", 19)):
+            for codec, level in (("lzma", 9), ("zstd", 9)):
                 if codec_available(codec):
                     alt = pack_model(out, work / "alt.zip", codec=codec, level=level, sparse="auto")
                     row[f"int8_{codec}_bytes"] = alt.artifact_bytes
@@ -333,7 +333,7 @@ def print_tables(results: dict[str, Any]) -> None:
     print("\n## int8: plain .onnx vs artifact vs the order-0 entropy of the stored codes\n")
     print(
         "| model | int8 .onnx | artifact (Deflate 9) | of which graph protobuf | float weights left (raw) "
-        "| model order instead of dtype groups | lzma | zstd 19 | bits/weight | entropy limit of stored codes | layouts |"
+        "| model order instead of dtype groups | lzma | zstd 9 | bits/weight | entropy limit of stored codes | layouts |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results["sizes"]:

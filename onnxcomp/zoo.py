@@ -715,10 +715,11 @@ def measure_recipe(
         cand = _session(written, threads)
         orig = _session(model_path, threads)
         m.metric = data.metric(lambda feed: cand.run(None, feed))
-        t_orig, t_cand = interleaved_latency(orig, cand, data.timing_input(), repeats=latency_repeats)
-        m.original_latency_ms = t_orig * 1e3
-        m.latency_ms = t_cand * 1e3
-        m.latency_ratio = t_cand / t_orig if t_orig > 0 else None
+        if latency_repeats > 0:
+            t_orig, t_cand = interleaved_latency(orig, cand, data.timing_input(), repeats=latency_repeats)
+            m.original_latency_ms = t_orig * 1e3
+            m.latency_ms = t_cand * 1e3
+            m.latency_ratio = t_cand / t_orig if t_orig > 0 else None
         m.info = dict(data.info)
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
@@ -837,6 +838,7 @@ def run_entry(
     except ZooUnavailable as exc:
         return [Check(Measurement(entry.name, r), {}, [str(exc)], "skipped") for r in names]
     data.metric_name = entry.metric
+    repeats = entry.latency_repeats if math.isfinite(manifest.latency_margin) else 0  # --no-latency
     checks = []
     for r in names:
         if progress:
@@ -844,7 +846,7 @@ def run_entry(
         recipe = manifest.recipe_data(r)
         m = measure_recipe(
             model_path, recipe, data, model_name=entry.name, recipe_name=r,
-            latency_repeats=entry.latency_repeats, threads=manifest.threads,
+            latency_repeats=repeats, threads=manifest.threads,
         )  # fmt: skip
         kwargs = dict(
             tolerance=entry.tolerance,
