@@ -267,7 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="models under 5 MB, 5 cold-start runs, no codec comparison"
     )
+    parser.add_argument(
+        "--print", dest="print_only", action="store_true", help="print the tables of the last JSON"
+    )
     args = parser.parse_args(argv)
+    if args.print_only:
+        data = json.loads(RESULTS.read_text())
+        data.setdefault("crossover", crossover(data["sparse"]) if data.get("sparse") else {})
+        print_tables(data)
+        return 0
     if args.quick:
         args.runs = min(args.runs, 5)
     logging.basicConfig(level=logging.WARNING)
@@ -284,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             row["seconds"] = round(time.perf_counter() - t, 1)
             results["sizes"].append(row)
             print(f"… {name}: {row['seconds']} s", file=sys.stderr)
+            _save(results)
         if not args.no_cold:
             for name, src in paths.items():
                 plain, packed = work / f"{name}.int8.onnx", work / f"{name}.int8.zip"
@@ -291,23 +300,33 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 results["cold_start"][name] = cold_start(plain, packed, feeds_for(src)[0], args.runs, work)
                 print(f"… cold start {name}: {results['cold_start'][name]}", file=sys.stderr)
+                _save(results)
         if not args.no_sparse:
             tensors: dict[str, np.ndarray] = {}
             for name in ("minilm-l3", "open-nsfw"):
                 if name in paths:
                     m = load_model(paths[name])
-                    big = max(
-                        (v for v in m.graph.initializers.values() if v.const_value is not None),
-                        key=lambda v: v.const_value.nbytes,
-                    )
+                    weights = [
+                        node.inputs[1]
+                        for node in m.graph
+                        if node.op_type in ("MatMul", "Conv", "Gemm")
+                        and len(node.inputs) > 1
+                        and node.inputs[1] is not None
+                        and node.inputs[1].const_value is not None
+                    ]
+                    big = max(weights, key=lambda v: v.const_value.nbytes)
                     tensors[f"{name}:{big.name}"] = big.const_value.numpy().astype(np.float32)
             results["sparse"] = sparse_crossover(tensors)
             results["crossover"] = crossover(results["sparse"])
     print_tables(results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, default=str))
+    _save(results)
     print(f"\nwrote {RESULTS.relative_to(REPO)}")
     return 0
+
+
+def _save(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, default=str))
 
 
 def print_tables(results: dict[str, Any]) -> None:

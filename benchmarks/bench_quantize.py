@@ -291,8 +291,8 @@ VARIANTS: dict[str, list[str]] = {
         "oc-dynamic",
         "ort-matmulnbits-4",
         "oc-nbits4-rtn",
-        "oc-nbits4-gptq",
-        "oc-w4-rtn",
+        "oc-dynamic-emb",
+        "oc-nbits4-gptq-emb",
         "oc-w4-gptq",
         "ort-static-minmax",
         "oc-static-minmax",
@@ -336,7 +336,7 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
 
     calib = _load_calib(calib_path)
     rr = host_reduce_range()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = _vm("VmRSS")
     started = time.perf_counter()
     if variant.startswith("ort-"):
 
@@ -376,6 +376,15 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
             "oc-static-bc": {"mode": "static-int8", "bias_correction": True},
             "oc-nbits4-rtn": {"mode": "weight-only", "bits": 4, "block_size": 32, "matmul_nbits": True},
             "oc-dynamic": {"mode": "dynamic"},
+            "oc-dynamic-emb": {"mode": "dynamic", "quantize_embeddings": True},
+            "oc-nbits4-gptq-emb": {
+                "mode": "weight-only",
+                "bits": 4,
+                "block_size": 32,
+                "method": "gptq",
+                "matmul_nbits": True,
+                "quantize_embeddings": True,
+            },
             "oc-w4-rtn": {"mode": "weight-only", "bits": 4, "block_size": 32},
             "oc-w4-gptq": {
                 "mode": "weight-only",
@@ -397,8 +406,20 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
         create_pass("quantize", opts).run(model, PassContext(calibration=lambda: iter(calib)))
         save_model(model, dst)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _vm("VmHWM")
     return {"seconds": seconds, "peak_rss_mb": peak, "delta_rss_mb": peak - base_rss}
+
+
+def _vm(field: str) -> float:
+    """``VmHWM`` (peak RSS of this process image; unlike ru_maxrss it is not inherited from the forking
+    parent) or ``VmRSS`` in MB, from /proc/self/status (falls back to ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, Any]:
@@ -520,14 +541,18 @@ def bench_model(name: str, work: Path, variants: list[str] | None = None) -> lis
 
 
 def _fmt(rows: list[dict[str, Any]]) -> str:
-    head = "| model | variant | metric | cosine | size MB | quant s | peak RSS MB (+quant) | b1 ms | b1 x | b8 /s | b8 x |"
+    head = "| model | variant | metric | cosine | size MB | quant s | peak RSS MB (+during quant) | b1 ms | b1 x | b8 /s | b8 x |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['variant']} | error: {r['error']} |")
             continue
-        metric = r.get("top1", r.get("agreement"))
-        mname = "top1" if "top1" in r else ("agree" if r["model"] != "minilm" else "cos")
+        if "top1" in r:
+            mname, metric = "top1", r["top1"]
+        elif r["model"] == "minilm":
+            mname, metric = "cos", r["cosine"]
+        else:
+            mname, metric = "agree", r["agreement"]
         lines.append(
             f"| {r['model']} | {r['variant']} | {mname} {metric:.4f} | {r['cosine']:.5f} | {r['size_mb']:.2f} | "
             f"{r.get('seconds', 0):.2f} | {r.get('peak_rss_mb', 0):.0f} (+{r.get('delta_rss_mb', 0):.0f}) | {r['latency_ms']:.3f} | {r['speedup_b1']:.2f} | "

@@ -336,7 +336,9 @@ def run_sweep(
     from onnxcomp.ort_session import session_from_path, session_options
 
     ref_sess = session_from_path(model_path, options=session_options(threads=threads))
-    reference_metric = data.metric(lambda feed: ref_sess.run(None, feed))
+    reference_metric = data.metric(
+        lambda feed: ref_sess.run(None, feed), reference=lambda feed: ref_sess.run(None, feed)
+    )
 
     rows: dict[str, dict[str, Any]] = {}
     tasks = []

@@ -150,22 +150,29 @@ class ZooData:
             raise ZooError("the zoo data has no evaluation batches")
         return self.eval_batches[0]
 
-    def metric(self, run: Runner) -> float:
+    def metric(self, run: Runner, *, reference: Runner | None = None) -> float:
+        """The evaluator, else top-1 accuracy against ``labels``, else (no labels) top-1 agreement
+        with ``reference`` (the original model): ``mean(argmax ŷ_i == argmax y_i)``."""
         if self.evaluate is not None:
             return float(self.evaluate(run, self))
-        if self.labels is None:
-            raise ZooError("the zoo data has no labels and no evaluator; cannot compute a metric")
-        return top1_accuracy(run, self.eval_batches, self.labels)
+        if self.labels is not None:
+            return top1_accuracy(run, self.eval_batches, self.labels)
+        if reference is None:
+            raise ZooError("the data has no labels and no evaluator; give labels (e.g. --labels LABELS.npy)")
+        self.metric_name = "top1_agreement"
+        ref = np.concatenate([_argmax_rows(reference(b)[0]) for b in self.eval_batches])
+        return top1_accuracy(run, self.eval_batches, ref)
+
+
+def _argmax_rows(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    y = y.reshape(y.shape[0], -1) if y.ndim > 1 else y[None, :]
+    return np.argmax(y.astype(np.float64), axis=1)
 
 
 def top1_accuracy(run: Runner, batches: Sequence[Sample], labels: np.ndarray, *, output: int = 0) -> float:
     """``mean(argmax(y_i) == label_i)`` over all rows of output ``output`` (class axis = 1)."""
-    preds = []
-    for batch in batches:
-        y = np.asarray(run(batch)[output])
-        y = y.reshape(y.shape[0], -1) if y.ndim > 1 else y[None, :]
-        preds.append(np.argmax(y.astype(np.float64), axis=1))
-    pred = np.concatenate(preds)
+    pred = np.concatenate([_argmax_rows(run(batch)[output]) for batch in batches])
     if pred.shape[0] != labels.shape[0]:
         raise ZooError(f"{pred.shape[0]} predictions but {labels.shape[0]} labels")
     return float(np.mean(pred == labels))
@@ -714,7 +721,8 @@ def measure_recipe(
         m.sparsity = weight_sparsity(written)
         cand = _session(written, threads)
         orig = _session(model_path, threads)
-        m.metric = data.metric(lambda feed: cand.run(None, feed))
+        m.metric = data.metric(lambda feed: cand.run(None, feed), reference=lambda feed: orig.run(None, feed))
+        m.metric_name = data.metric_name
         if latency_repeats > 0:
             t_orig, t_cand = interleaved_latency(orig, cand, data.timing_input(), repeats=latency_repeats)
             m.original_latency_ms = t_orig * 1e3

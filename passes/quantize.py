@@ -92,7 +92,7 @@ class QuantizeConfig:
     #: weight range: min/max or the MSE-optimal clipping per channel/block.
     weight_range: Literal["minmax", "mse"] = "minmax"
     #: activation observer (calibration): minmax, percentile, entropy, mse.
-    observer: str = "minmax"
+    observer: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = 99.999
     bias_correction: bool = False
     #: static-int8: int32 bias with s_b = s_x·s_w, as ONNX Runtime's quantizer emits; False keeps it
@@ -117,6 +117,9 @@ class QuantizeConfig:
     keep_io_types: bool = True
     #: fp16: op types that stay float32.
     fp16_keep_ops: tuple[str, ...] = ()
+    #: weight-only / dynamic: also store Gather embedding tables as int8 with one scale per row
+    #: (``Gather(E, i) -> Gather(E_q, i) · Gather(s, i)``; only the gathered rows are dequantized).
+    quantize_embeddings: bool = False
     #: weights with fewer elements stay float (tiny tensors gain nothing).
     min_weight_elements: int = 16
 
@@ -472,6 +475,53 @@ def _canonicalize(model: ir.Model) -> dict[str, int]:
     out["affine_ops_folded_into_conv"] = _fold_conv_affine(graph)
     out["transposes_cancelled"] = _cancel_transposes(graph)
     return {k: v for k, v in out.items() if v}
+
+
+def _quantize_embeddings(graph: ir.Graph, cfg: QuantizeConfig) -> list[dict[str, Any]]:
+    """Per-row symmetric int8 embedding tables: ``Gather(E[V, D], i) -> Cast(Gather(E_q, i)) ·
+    Gather(s[V, 1], i)`` with ``s_v = max|E_v| / 127``."""
+    names = _Names(graph)
+    report: list[dict[str, Any]] = []
+    done: dict[str, tuple[ir.Value, ir.Value]] = {}
+    for node in list(graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or _attr(node, "axis", 0) != 0:
+            continue
+        if _excluded(node, cfg) or node.outputs[0].is_graph_output():
+            continue
+        e = _const_array(node.inputs[0])
+        if e is None or e.dtype != np.float32 or e.ndim != 2 or e.size < max(cfg.min_weight_elements, 1024):
+            continue
+        key = node.inputs[0].name
+        if key not in done:
+            grid = qn.QGrid(8, signed=True, symmetric=True, narrow=True)
+            scale, zp = qn.channel_params(e, 0, grid)
+            codes = qn.quantize(e, scale, zp, grid, axis=0)
+            eq = _const(graph, names, f"{key}_quantized", codes.astype(np.int8))
+            sv = _const(graph, names, f"{key}_row_scale", scale.reshape(-1, 1).astype(np.float32))
+            done[key] = (eq, sv)
+            w_hat = qn.dequantize(codes, scale, zp, axis=0)
+            report.append(
+                {
+                    "node": node.name or key,
+                    "rows": int(e.shape[0]),
+                    "weight_sqnr_db": _r(qn.sqnr_db(e, w_hat)),
+                }
+            )
+        eq, sv = done[key]
+        idx = node.inputs[1]
+        out = node.outputs[0]
+        gq, gf, gs = (ir.Value(name=names.new(f"{out.name}_{t}")) for t in ("int8", "float", "scale"))
+        y = ir.Value(name=names.new(f"{out.name}_dequantized"))
+        new = [
+            ir.node("Gather", [eq, idx], {"axis": 0}, outputs=[gq]),
+            ir.node("Cast", [gq], {"to": ir.DataType.FLOAT}, outputs=[gf]),
+            ir.node("Gather", [sv, idx], {"axis": 0}, outputs=[gs]),
+            ir.node("Mul", [gf, gs], outputs=[y]),
+        ]
+        graph.insert_after(node, new)
+        out.replace_all_uses_with(y)
+        graph.remove(node, safe=True)
+    return report
 
 
 def _excluded(node: ir.Node, cfg: QuantizeConfig) -> bool:
@@ -877,11 +927,14 @@ class QuantizePass(Pass):
                 block = cfg.block_size if cfg.block_size and w.shape[layer.in_axis] >= cfg.block_size else 0
                 if cfg.block_size and not block:
                     block = 0
-                qw = _quantize_weight(layer, w, grid, cfg, block_size=block, stats=stats.get(layer.name))
                 if cfg.matmul_nbits and layer.node.op_type == "MatMul" and block:
-                    self._emit_matmul_nbits(graph, names, layer, w, cfg, stats.get(layer.name))
-                    after += w.size // 2 + qw.scale.size * 4
+                    w_hat, n_scales = self._emit_matmul_nbits(
+                        graph, names, layer, w, cfg, stats.get(layer.name)
+                    )
+                    after += w.size // 2 + n_scales * 4
+                    qw = _QWeight(np.empty(0), np.empty(0), np.empty(0), layer.in_axis, block, grid, w_hat)
                 else:
+                    qw = _quantize_weight(layer, w, grid, cfg, block_size=block, stats=stats.get(layer.name))
                     dtype = _weight_container(qw.grid.bits, qw.grid.signed)
                     out, dq = _dq_weight(graph, names, base, qw, dtype)
                     graph.append(dq)
@@ -901,6 +954,7 @@ class QuantizePass(Pass):
                     )
                 report.append(entry)
                 step(1)
+        embeddings = _quantize_embeddings(graph, cfg) if cfg.quantize_embeddings else []
         _remove_unused_initializers(graph)
         graph.sort()
         return PassResult(
@@ -909,6 +963,7 @@ class QuantizePass(Pass):
                 "mode": cfg.mode,
                 "method": cfg.method,
                 "bits": cfg.bits,
+                "embeddings": embeddings,
                 "opset_converted_from": old,
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
@@ -919,7 +974,7 @@ class QuantizePass(Pass):
 
     def _emit_matmul_nbits(
         self, graph: ir.Graph, names: _Names, layer: _Layer, w: np.ndarray, cfg: QuantizeConfig, stats: Any
-    ) -> None:
+    ) -> tuple[np.ndarray, int]:
         """``MatMul(x, W[K,N]) -> MatMulNBits(x, B[N, K/bs, bs/2], scales[N, K/bs], zp)`` (4-bit codes
         ``u = q + 8`` for the symmetric grid, packed low nibble first)."""
         k, n = w.shape
@@ -965,6 +1020,8 @@ class QuantizePass(Pass):
             graph.opset_imports["com.microsoft"] = 1
         _replace_value(graph, out, new_out)
         graph.remove(node, safe=True)
+        w_hat = ((codes - full_z).astype(np.float32) * full_s)[:, :k].T  # back to [K, N]
+        return np.ascontiguousarray(w_hat, dtype=np.float32), int(scale.size)
 
     def _apply_bias_correction(
         self,
@@ -1078,12 +1135,14 @@ class QuantizePass(Pass):
             if cfg.bias_correction:
                 self._apply_bias_correction(graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry)
             report.append(entry)
+        embeddings = _quantize_embeddings(graph, cfg) if cfg.quantize_embeddings else []
         _remove_unused_initializers(graph)
         graph.sort()
         return PassResult(
             True,
             {
                 "mode": cfg.mode,
+                "embeddings": embeddings,
                 "reduce_range": reduce_range,
                 "opset_converted_from": old,
                 "layers": report,

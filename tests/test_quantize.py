@@ -532,3 +532,25 @@ def test_float_and_int32_bias_both_fuse(tmp_path: Path) -> None:
         assert optimized_ops(m, tmp_path)["QLinearConv"] == 2
         outs[qb] = run(m, held)
     assert cosine(outs[True], ref) > 0.995 and cosine(outs[False], ref) > 0.995
+
+
+def test_embedding_tables_int8_per_row() -> None:
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (int64[B, T] ids) => (float[B, T, 16] y) {
+        e = Gather (table, ids)
+        y = MatMul (e, w)
+    }
+    """
+    rng = np.random.default_rng(6)
+    p = onnx.parser.parse_model(text)
+    table = rng.normal(size=(100, 16)) * rng.uniform(0.1, 10, (100, 1))  # rows of very different scale
+    p.graph.initializer.extend([_init("table", table), _init("w", rng.normal(size=(16, 16)))])
+    x = [{"ids": rng.integers(0, 100, (2, 7)).astype(np.int64)}]
+    ref = run(ir.from_proto(p), x)
+    m = ir.from_proto(p)
+    d = quantize(m, None, mode="dynamic", quantize_embeddings=True).details
+    assert d["embeddings"][0]["rows"] == 100 and d["embeddings"][0]["weight_sqnr_db"] > 40
+    assert m.graph.initializers["table_quantized"].const_value.dtype == ir.DataType.INT8
+    assert "table" not in m.graph.initializers
+    assert cosine(run(m, x), ref) > 0.999

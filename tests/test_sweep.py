@@ -143,3 +143,15 @@ def test_sweep_on_local_ray_cluster(tmp_path: Path) -> None:
         assert res.rows[1]["sparsity"] > 0.3
     finally:
         ray.shutdown()
+
+
+def test_sweep_without_labels_measures_top1_agreement_with_the_original(tmp_path: Path) -> None:
+    spec = {"data": {"kind": "npz", "eval": str(EX / "digits_samples.npz"), "batch": 497}}
+    res = run_sweep(
+        EX / "digits_cnn.onnx", load_grid(_grid(tmp_path)), data_spec=spec, out_dir=tmp_path / "o",
+        jobs=1, latency_repeats=0, plots=False,
+    )  # fmt: skip
+    assert res.reference_metric == 1.0
+    control, pruned = res.rows
+    assert control["metric_name"] == "top1_agreement" and control["metric"] == 1.0
+    assert 0.9 < pruned["metric"] < 1.0
