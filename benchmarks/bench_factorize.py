@@ -9,8 +9,11 @@ allocations on MiniLM): plain SVD, randomized SVD, whitened SVD (calibration dat
 from the evaluation data), whitened + sparse (L + S). Latency: ONNX Runtime CPU, one intra-op thread,
 all variants interleaved round-robin, medians. Also randomized-vs-full SVD speed and accuracy.
 
-    python benchmarks/bench_factorize.py            # everything, a few minutes
-    python benchmarks/bench_factorize.py --only minilm --rounds 30
+    python benchmarks/bench_factorize.py            # everything: ~25 min on a loaded 2-core box
+    python benchmarks/bench_factorize.py --only magika --methods plain whitened   # ~2 min
+    python benchmarks/bench_factorize.py --only minilm --scope model --rounds 30
+
+Whitening statistics are gathered once per model and shared across the sweep (``GRAM_CACHE_KEY``).
 """
 
 from __future__ import annotations
