@@ -221,7 +221,20 @@ class StagedModel:
         return self.destination
 
 
+def _normalize_ir_version(model: ir.Model) -> None:
+    """IR < 4 requires every initializer to be a graph input; passes add plain initializers, so raise
+    the IR version to 4 (same semantics otherwise) when some initializer is not an input."""
+    if model.ir_version >= 4:
+        return
+    for graph in iter_graphs(model):
+        inputs = {v.name for v in graph.inputs}
+        if any(name not in inputs for name in graph.initializers):
+            model.ir_version = 4
+            return
+
+
 def _save_into(model: ir.Model, path: Path, external: str | None) -> None:
+    _normalize_ir_version(model)
     try:
         if external:
             ir.save(model, path, external_data=external, size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
