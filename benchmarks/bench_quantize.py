@@ -320,6 +320,7 @@ def _load_calib(path: Path) -> list[dict[str, np.ndarray]]:
 def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, Any]:
     """Quantize ``src`` to ``dst`` with ``variant`` (run in a fresh subprocess)."""
     # Imports happen before the clock starts, for both sides.
+    import onnx_ir.passes.common  # noqa: F401  (lazy imports of both sides happen before the clock)
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -330,6 +331,9 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
     )
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    import onnxcomp.calibration.collect
+    import onnxcomp.passes.fp16
+    import onnxcomp.passes.quantize_static  # noqa: F401
     from onnxcomp.model_io import load_model, save_model
     from onnxcomp.pass_base import PassContext, create_pass
     from onnxcomp.passes.quantize import host_reduce_range

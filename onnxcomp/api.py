@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from onnxcomp import __version__
 from onnxcomp.errors import CalibrationError, OnnxcompError, OutputError, VerificationError
+from onnxcomp.fileio import default_file_mode
 from onnxcomp.model_io import check_no_nan_weights, check_output_path, load_model, staged_save
 from onnxcomp.model_stats import model_stats
 from onnxcomp.pass_base import PassContext
@@ -329,7 +330,12 @@ def _pack(model: ir.Model, recipe: Recipe, pack: Any, base: Path, progress: Prog
 
     options = {k: v for k, v in recipe.pack.items() if k != "enabled"}
     config = from_mapping(PackConfig, options, where="pack")
-    dest = Path(pack) if pack is not None else base.with_suffix(".onnxcomp.zip")
+    if pack is not None:
+        dest = Path(pack)
+    elif config.path:
+        dest = Path(config.path)
+    else:
+        dest = base.with_name(base.name.removesuffix(".onnx") + ".zip")
     report = pack_model(model, dest, config=config, recipe=recipe.as_dict(), progress=progress)
     return Path(getattr(report, "path", dest))
 
@@ -337,6 +343,7 @@ def _pack(model: ir.Model, recipe: Recipe, pack: Any, base: Path, progress: Prog
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxcomp-report-")
+    default_file_mode(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, default=str)

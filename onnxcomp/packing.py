@@ -46,6 +46,7 @@ import onnx_ir as ir
 
 import onnxcomp
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.fileio import default_file_mode
 from onnxcomp.model_io import iter_graphs, load_model
 from onnxcomp.progress import NullProgress, Progress
 from onnxcomp.runtime import (
@@ -1112,6 +1113,7 @@ def _zip_method(codec: str) -> int:
 def _atomic_path(dest: Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    default_file_mode(tmp)
     os.close(fd)
     try:
         yield Path(tmp)

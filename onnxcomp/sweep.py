@@ -53,6 +53,7 @@ else:  # pragma: no cover
 
 from onnxcomp import __version__
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.fileio import default_file_mode
 from onnxcomp.zoo import ZooData, ZooError, load_data, load_manifest, measure_recipe, recipe_hash
 
 __all__ = [
@@ -399,6 +400,7 @@ def run_sweep(
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    default_file_mode(tmp)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)

@@ -65,6 +65,7 @@ else:  # pragma: no cover
 
 from onnxcomp import __version__
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.fileio import default_file_mode
 
 __all__ = [
     "Check",
@@ -959,6 +960,7 @@ def write_baselines(manifest: Manifest, checks: Sequence[Check]) -> int:
     }
     text = update_baseline_text(manifest.path.read_text(encoding="utf-8"), updates, remove=stale)
     fd, tmp = tempfile.mkstemp(dir=manifest.path.parent, prefix=".zoo-")
+    default_file_mode(tmp)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, manifest.path)

@@ -39,15 +39,16 @@ def int_range(
     bits: int, *, signed: bool, reduce_range: bool = False, narrow: bool = False
 ) -> tuple[int, int]:
     """Integer range of a ``bits``-bit grid. ``reduce_range`` drops one bit (x86 without VNNI saturates
-    u8·s8 pair sums in 16 bits); ``narrow`` makes a signed grid symmetric (``[-(2^(b-1)-1), 2^(b-1)-1]``)."""
+    u8·s8 pair sums in 16 bits; signed: ``[-2^(b-2), 2^(b-2)]`` as ONNX Runtime); ``narrow`` makes a
+    signed grid symmetric (``[-(2^(b-1)-1), 2^(b-1)-1]``)."""
     if not 2 <= bits <= 32:
         raise ValueError(f"bits must be in [2, 32], got {bits}")
     b = bits - 1 if reduce_range else bits
     if signed:
+        if reduce_range:  # ONNX Runtime's 7-bit weight grid: [-64, 64] (255·64·2 < 2^15, no saturation)
+            return -(1 << (b - 1)), 1 << (b - 1)
         lo, hi = -(1 << (b - 1)), (1 << (b - 1)) - 1
-        if narrow or reduce_range:
-            lo = -hi
-        return lo, hi
+        return (-hi if narrow else lo), hi
     return 0, (1 << b) - 1
 
 
