@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--md", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument(
+        "--readme", type=Path, default=None, help="replace the block between the seed-tables markers in this file"
+    )
     args = parser.parse_args(argv)
 
     man = load_manifest(args.manifest, zoo_root=args.zoo_root)
@@ -96,7 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.md is not None:
         args.md.write_text(text, encoding="utf-8")
+    if args.readme is not None:
+        replace_block(args.readme, text)
     return 0
+
+
+START, END = "<!-- seed-tables:start -->", "<!-- seed-tables:end -->"
+
+
+def replace_block(path: Path, text: str) -> None:
+    """Put ``text`` between the seed-tables markers of ``path`` (generated, never typed)."""
+    doc = path.read_text(encoding="utf-8")
+    if START not in doc or END not in doc:
+        raise SystemExit(f"{path} has no {START} ... {END} block")
+    head, rest = doc.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{text.rstrip()}\n{END}{tail}", encoding="utf-8")
 
 
 if __name__ == "__main__":
