@@ -170,10 +170,9 @@ def prepare(name: str, work: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- quantizers
 def quantize_onnxcomp(src: Path, dst: Path, calib: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    from onnxcomp.targets.registry import get_target
-
     from onnxcomp.model_io import load_model, save_model
     from onnxcomp.pass_base import PassContext, create_pass
+    from onnxcomp.targets.registry import get_target
 
     started = time.perf_counter()
     model = load_model(src)
@@ -186,8 +185,9 @@ def quantize_onnxcomp(src: Path, dst: Path, calib: list[dict[str, np.ndarray]]) 
 
 
 def quantize_ort(src: Path, dst: Path, calib: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    from onnxcomp.targets.registry import get_target
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from onnxcomp.targets.registry import get_target
 
     target = get_target("ort-cpu")
 

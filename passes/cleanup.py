@@ -37,6 +37,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+from onnxcomp.model_io import iter_graphs
+from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxcomp.passes.bn_folding import (
     bn_scale_shift,
     fold_into_conv,
@@ -45,9 +48,6 @@ from onnxcomp.passes.bn_folding import (
     fold_into_matmul,
 )
 from onnxcomp.passes.constant_folding import NodeEvaluator, fold_growth_refused, is_foldable_op
-
-from onnxcomp.model_io import iter_graphs
-from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["CleanupConfig", "CleanupPass"]
 

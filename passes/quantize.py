@@ -97,7 +97,8 @@ class QuantizeConfig:
     bias_correction: bool = False
     #: static-int8: int32 bias with s_b = s_x·s_w, as ONNX Runtime's quantizer emits; False keeps it
     #: float (ONNX Runtime 1.32 fuses QLinearConv either way — tests/test_quantize.py measures both).
-    quantize_bias: bool = True
+    #: None = from the target (``quantize_bias``; True without a target — TensorRT keeps biases float).
+    quantize_bias: bool | None = None
     gptq_damp: float = 0.01
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude_op_types: tuple[str, ...] = ()
@@ -200,10 +201,20 @@ def _const(
     return value
 
 
+def _in_graph_inputs(value: ir.Value) -> bool:
+    """True when ``value`` really is one of its graph's inputs (``Value.is_graph_input()`` can stay set
+    after another pass used the value as an input of a temporary graph, e.g. while folding constants)."""
+    graph = value.graph
+    if graph is None:
+        return False
+    return any(v is value for v in graph.inputs)
+
+
 def _const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The weight array of an initializer that is not also a graph input (else None)."""
     if value is None or value.const_value is None or not value.is_initializer():
         return None
-    if value.is_graph_input():
+    if _in_graph_inputs(value):
         return None
     return value.const_value.numpy()
 
@@ -1182,6 +1193,19 @@ class QuantizePass(Pass):
         if cfg.symmetric_activations is None:
             sym = bool(getattr(target, "activation_symmetric", False)) if target is not None else False
             cfg = dataclasses.replace(cfg, symmetric_activations=sym)
+        target_qb = getattr(target, "quantize_bias", None) if target is not None else None
+        if cfg.quantize_bias is None:
+            cfg = dataclasses.replace(cfg, quantize_bias=True if target_qb is None else bool(target_qb))
+        elif cfg.quantize_bias and target_qb is False:
+            raise TargetError(
+                f"quantize: target {_target_name(target)!r} keeps biases float; set quantize_bias = false "
+                "(or leave it unset)"
+            )
+        if target is not None and getattr(target, "activation_symmetric", False) and not cfg.symmetric_activations:
+            raise TargetError(
+                f"quantize: target {_target_name(target)!r} needs symmetric activations (zero point 0); "
+                "set symmetric_activations = true (or leave it unset)"
+            )
         return quantize_static_qdq(
             model, ctx, cfg, activation_type=act, reduce_range=self._reduce_range(cfg, target)
         )
@@ -1215,5 +1239,5 @@ def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
 def _remove_unused_initializers(graph: ir.Graph) -> None:
     for name in list(graph.initializers):
         v = graph.initializers[name]
-        if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+        if not v.uses() and not v.is_graph_output() and not _in_graph_inputs(v):
             del graph.initializers[name]

@@ -12,6 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp.errors import RecipeError
+from onnxcomp.model_io import load_model, save_model
+from onnxcomp.pass_base import PassContext, get_pass_class
 from onnxcomp.passes.bn_folding import (
     bn_scale_shift,
     fold_into_conv_transpose,
@@ -19,10 +23,6 @@ from onnxcomp.passes.bn_folding import (
     fold_into_matmul,
 )
 from onnxcomp.passes.cleanup import CleanupConfig, CleanupPass
-
-from onnxcomp.errors import RecipeError
-from onnxcomp.model_io import load_model, save_model
-from onnxcomp.pass_base import PassContext, get_pass_class
 
 RTOL, ATOL = 1e-4, 1e-5
 RNG = np.random.default_rng(0)

@@ -26,12 +26,12 @@ import onnx
 import onnx.version_converter
 import pytest
 from onnx import numpy_helper
-from onnxcomp.passes.cleanup import CleanupPass
 
 from onnxcomp.errors import ModelLoadError
 from onnxcomp.model_io import MIN_OPSET, load_model, save_model
 from onnxcomp.ort_session import session_from_path, session_options
 from onnxcomp.pass_base import PassContext
+from onnxcomp.passes.cleanup import CleanupPass
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 FOLDERS = ("light", "pytorch-converted", "pytorch-operator", "simple")

@@ -12,6 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+
+from onnxcomp.cli import main
+from onnxcomp.errors import OutputError, TargetError
 from onnxcomp.targets.profile import (
     ProfileSettings,
     aggregate_ort_profile,
@@ -25,9 +28,6 @@ from onnxcomp.targets.profile import (
     report_to_markdown,
     synthetic_feeds,
 )
-
-from onnxcomp.cli import main
-from onnxcomp.errors import OutputError, TargetError
 
 FAST = dict(
     max_seconds=0.6, min_runs=10, max_runs=300, batch_max_seconds=0.3, op_profile_runs=5, round_seconds=0.03

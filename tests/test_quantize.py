@@ -554,3 +554,30 @@ def test_embedding_tables_int8_per_row() -> None:
     assert m.graph.initializers["table_quantized"].const_value.dtype == ir.DataType.INT8
     assert "table" not in m.graph.initializers
     assert cosine(run(m, x), ref) > 0.999
+
+
+def test_tensorrt_target_float_bias_symmetric_int8_activations() -> None:
+    """TensorRT target: bias stays float, activations int8 with zero point 0, the TensorRT check passes.
+    Numbers are checked without ONNX Runtime's QLinear fusion (its s8s8 kernels saturate 8-bit weights on
+    x86 without VNNI; TensorRT computes the QDQ graph as written)."""
+    from onnxcomp.targets.registry import get_target
+    from onnxcomp.targets.tensorrt import check_compat
+
+    trt = get_target("tensorrt")
+    calib, held = image_samples(16), image_samples(24)[16:]
+    ref = run(cnn(), held)
+    m = cnn()
+    d = quantize(m, calib, target=trt).details
+    assert d["activation_type"] == "int8" and d["symmetric_activations"] is True
+    proto = ir.to_proto(m)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert not any(a.dtype == np.int32 for a in inits.values())  # no int32 bias
+    for n in proto.graph.node:
+        if n.op_type == "QuantizeLinear":
+            assert inits[n.input[2]].dtype == np.int8 and not inits[n.input[2]].any()
+    assert not [i for i in check_compat(proto) if i.severity == "error"]
+    s = session_from_model(m, options=session_options(threads=1, optimization="disable"))
+    y = np.concatenate([s.run(None, x)[0] for x in held])
+    assert cosine(y, ref) > 0.999
+    with pytest.raises(TargetError, match="keeps biases float"):
+        quantize(cnn(), calib, target=trt, quantize_bias=True)

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+
+from onnxcomp.errors import TargetError
 from onnxcomp.targets.base import (
     Target,
     check_model_compat,
@@ -16,8 +18,6 @@ from onnxcomp.targets.base import (
 )
 from onnxcomp.targets.onnxruntime import detect_host, ort_arm64_target, ort_cpu_target
 from onnxcomp.targets.registry import available_targets, get_target
-
-from onnxcomp.errors import TargetError
 
 X86_NO_VNNI = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2\n"
 X86_AVX512_VNNI = "model name\t: Intel Xeon Platinum 8375C\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n"

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+
+from onnxcomp.errors import TargetError
 from onnxcomp.targets.registry import get_target
 from onnxcomp.targets.tensorrt import (
     assert_compatible,
@@ -16,8 +18,6 @@ from onnxcomp.targets.tensorrt import (
     compute_capability_precisions,
     parser_limits,
 )
-
-from onnxcomp.errors import TargetError
 
 from .test_targets import float_model, qdq_conv_model
 

@@ -12,11 +12,11 @@ import shlex
 import onnx
 import pytest
 from onnx import helper
-from onnxcomp.targets.registry import get_target
-from onnxcomp.targets.trtexec import emit_script, import_trtexec, layer_op_type, parse_shapes, trtexec_command
 
 from onnxcomp.cli import main
 from onnxcomp.errors import TargetError
+from onnxcomp.targets.registry import get_target
+from onnxcomp.targets.trtexec import emit_script, import_trtexec, layer_op_type, parse_shapes, trtexec_command
 
 from .test_targets import float_model, qdq_conv_model
 
