@@ -84,6 +84,7 @@ def resolve_recipe(
     overrides: Sequence[str] = (),
     target: str | None = None,
     calib: str | os.PathLike[str] | None = None,
+    model_path: str | os.PathLike[str] | None = None,
 ) -> Recipe:
     """Turn a recipe argument (object, file, built-in name, dict or ``None`` = default) into a Recipe,
     applying ``--set`` overrides and the ``--target`` / ``--calib`` shortcuts."""
@@ -93,7 +94,8 @@ def resolve_recipe(
     elif recipe is None:
         from onnxcomp.defaults import default_recipe_data
 
-        data, source = default_recipe_data(calibrated=calib is not None, target=target), "default"
+        data = default_recipe_data(calibrated=calib is not None, target=target, model_path=model_path)
+        source = "default"
     elif isinstance(recipe, Mapping):
         data, source = dict(recipe), "recipe"
     else:
@@ -187,10 +189,16 @@ def optimize(
     """
     progress = progress or NullProgress()
     started = time.perf_counter()
-    resolved = resolve_recipe(recipe, overrides=overrides, target=target, calib=calib)
     workdir = Path(tempfile.mkdtemp(prefix="onnxcomp-input-"))
     try:
         input_path, temporary = _materialize_input(model, workdir)
+        resolved = resolve_recipe(
+            recipe,
+            overrides=overrides,
+            target=target,
+            calib=calib,
+            model_path=input_path if recipe is None and calib is not None else None,
+        )
         out_path: Path | None = Path(output) if output is not None else None
         if out_path is None and resolved.output.path:
             out_path = Path(resolved.output.path)

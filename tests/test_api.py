@@ -113,3 +113,19 @@ def test_missing_calibration_for_a_pass_that_needs_it(tiny_model_path: Path) -> 
 
     with pytest.raises(CalibrationError, match="pass 'test-needs-data' needs calibration data; pass --calib"):
         onnxcomp.optimize(tiny_model_path, recipe={"passes": [{"name": "test-needs-data"}]})
+
+
+def test_default_recipe_follows_model_and_target(tiny_model_path: Path, tmp_path: Path) -> None:
+    from onnxcomp.defaults import default_recipe_data
+
+    assert [p["name"] for p in default_recipe_data(calibrated=False)["passes"]] == ["cleanup"]
+    matmul = default_recipe_data(calibrated=True, model_path=tiny_model_path)["passes"][1]
+    assert matmul["mode"] == "dynamic"
+    tx2 = default_recipe_data(calibrated=True, target="jetson-tx2")["passes"]
+    assert [p["name"] for p in tx2] == ["cleanup", "opset", "quantize"] and tx2[2]["mode"] == "fp16"
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((40, 16)).astype(np.float32))
+    result = onnxcomp.optimize(tiny_model_path, output=tmp_path / "q.onnx", calib=calib)
+    assert result.report["recipe"]["passes"][1]["mode"] == "dynamic"
+    assert result.report["verification"]["data_source"] == "held-out calibration samples"
+    assert result.report["output"]["weight_bytes"] < result.report["input"]["weight_bytes"] / 2
