@@ -27,7 +27,7 @@ __all__ = ["VerificationResult", "synthetic_samples", "verify_model"]
 
 logger = logging.getLogger(__name__)
 
-_ORT_TO_NUMPY = {
+ORT_TYPE_TO_NUMPY = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -62,7 +62,7 @@ def synthetic_samples(
     for _ in range(count):
         sample = {}
         for meta in inputs:
-            dtype = _ORT_TO_NUMPY.get(meta.type)
+            dtype = ORT_TYPE_TO_NUMPY.get(meta.type)
             if dtype is None:
                 raise VerificationError(
                     f"input {meta.name!r} has type {meta.type}, which synthetic data cannot produce; pass --calib DATA"

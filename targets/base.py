@@ -334,6 +334,7 @@ _QOPERATOR_OPS = {
 
 
 def _as_proto(model: Any) -> Any:
+    """A ModelProto (no external data loaded) from a ModelProto, an ir.Model or a path."""
     import onnx
 
     if isinstance(model, onnx.ModelProto):
@@ -350,7 +351,10 @@ def _as_proto(model: Any) -> Any:
     path = Path(model)
     if not path.is_file():
         raise TargetError(f"{path}: no such model file; check the path")
-    return onnx.load(str(path), load_external_data=False)
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise TargetError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
 
 
 def _iter_nodes(graph: Any) -> Iterable[Any]:

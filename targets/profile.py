@@ -73,6 +73,7 @@ import numpy as np
 
 from onnxcomp.errors import OutputError, TargetError
 from onnxcomp.targets.base import Target
+from onnxcomp.verify import ORT_TYPE_TO_NUMPY
 
 __all__ = [
     "SCHEMA",
@@ -189,18 +190,7 @@ def rapl_delta_uj(
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(bool)": np.bool_,
-}
+_ORT_DTYPES = ORT_TYPE_TO_NUMPY
 
 
 class _Unbatchable(TargetError):

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from onnxcomp.errors import TargetError
-from onnxcomp.targets.base import Issue, Target
+from onnxcomp.targets.base import Issue, Target, _as_proto
 
 __all__ = [
     "DEFAULT_TRT_VERSION",
@@ -235,24 +235,7 @@ def tensorrt_target(
 
 # ----------------------------------------------------------------------------------- compatibility check
 def _load_proto(model: Any) -> Any:
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model
-    try:
-        import onnx_ir as ir
-
-        if isinstance(model, ir.Model):
-            return ir.to_proto(model)
-    except ImportError:  # pragma: no cover
-        pass
-    path = Path(model)
-    if not path.is_file():
-        raise TargetError(f"{path}: no such model file; check the path")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise TargetError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+    return _as_proto(model)
 
 
 def _const_values(graph: Any) -> dict[str, np.ndarray | None]:
