@@ -143,10 +143,8 @@ def _resolve_target(recipe: Recipe) -> Any:
 
 def _calibration_sources(recipe: Recipe, model: ir.Model) -> tuple[Any, Any]:
     """(calibration source or None, held-out verification source or None)."""
-    if (
-        not recipe.calibration
-        or (recipe.calibration.get("data") is None
-        and recipe.calibration.get("kind") in (None, "auto"))
+    if not recipe.calibration or (
+        recipe.calibration.get("data") is None and recipe.calibration.get("kind") in (None, "auto")
     ):
         return None, None
     from onnxcomp.calibration.config import CalibrationConfig
@@ -262,6 +260,10 @@ def optimize(
                         lossless=lossless,
                         config=resolved.verify,
                         data_source="held-out calibration samples" if holdout is not None else "user data",
+                        # ORT's fused int8 CPU kernels are not what a TensorRT target runs: check the graph itself
+                        optimization="basic"
+                        if getattr(target_obj, "runtime", "onnxruntime") != "onnxruntime"
+                        else "all",
                     )
                 if not verification.passed:
                     raise VerificationError(
@@ -300,12 +302,17 @@ def optimize(
             result_report["target_issues"] = target_issues
         if artifact is not None:
             result_report["artifact"] = {"path": str(artifact), "size_bytes": artifact.stat().st_size}
-        warnings = []
+        warnings = [f"{r.name}: {r.details['warning']}" for r in records if r.details.get("warning")]
         if resolved.verify.enabled and verification_dict.get("data_source", "").startswith("synthetic"):
             warnings.append(
                 "verified on synthetic inputs only; pass --calib DATA for a meaningful fidelity check"
             )
         latency = verification_dict.get("latency") or {}
+        if latency and getattr(target_obj, "runtime", "onnxruntime") != "onnxruntime":
+            latency["slower"] = None  # measured on ONNX Runtime CPU: says nothing about the target's speed
+            latency["note"] = (
+                f"ONNX Runtime CPU on this host, not {target_obj.name}; use onnxcomp profile on the target"
+            )
         if latency.get("slower"):
             warnings.append(
                 f"the optimized model ran {latency['ratio']:.2f}x the original's latency in a quick check on this host "

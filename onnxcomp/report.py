@@ -97,6 +97,8 @@ def print_optimize_report(report: dict[str, Any], console: Console | None = None
     lat = ver.get("latency") or {}
     if lat:
         flag = "  [red]SLOWER than the original[/red]" if lat.get("slower") else ""
+        if lat.get("note"):
+            flag = f"  ({lat['note']})"
         console.print(
             f"latency (median of {lat['runs']} interleaved runs, {lat['threads']} threads): "
             f"{lat['original_ms_p50']:.3f} ms → {lat['optimized_ms_p50']:.3f} ms ({lat['ratio']:.2f}x){flag}"

@@ -126,13 +126,18 @@ def verify_model(
     config: VerifyConfig | None = None,
     data_source: str = "user data",
     check: bool = True,
+    optimization: str = "all",
 ) -> VerificationResult:
-    """Compare ``candidate`` with ``reference`` on ``samples`` (synthetic when ``None``)."""
+    """Compare ``candidate`` with ``reference`` on ``samples`` (synthetic when ``None``).
+
+    ``optimization`` is ONNX Runtime's graph optimization level for both sessions: ``"basic"`` checks
+    the model's own numbers without ORT's fused CPU kernels (used for models bound for TensorRT).
+    """
     config = config or VerifyConfig()
     candidate = Path(candidate)
     if check:
         _check(candidate)
-    opts = session_options(threads=2)
+    opts = session_options(threads=2, optimization=optimization)
     try:
         ref_sess = session_from_path(reference, options=opts)
     except Exception as exc:

@@ -216,7 +216,8 @@ def _inferred_types(model: ir.Model) -> dict[str, int]:
     except Exception as exc:  # inference is only a hint: without it no Cast is removed
         logger.debug("could not serialize the model for type inference: %s", exc)
     finally:
-        del graph.inputs[n_inputs:]
+        for extra in list(graph.inputs)[n_inputs:]:  # remove() resets Value.is_graph_input()
+            graph.inputs.remove(extra)
         graph.initializers.clear()
         for v in order:
             graph.initializers.add(v)

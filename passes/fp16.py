@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
 
-__all__ = ["Fp16Config", "Fp16Pass", "convert_fp16"]
+__all__ = ["Fp16Config", "Fp16Pass", "convert_fp16", "upcast_fp16"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +68,24 @@ def convert_fp16(
     # (Inputs are fixed afterwards with Casts; initializers get an fp16 copy only for fp16 slots.)
     stay32: set[int] = set()
     for node in graph:
-        fixed = node.op_type in keep
+        fixed = node.op_type in keep or _has_subgraph(node)
         for i, v in enumerate(node.outputs):
             if v.dtype == F32 and (fixed or not _schema_allows_fp16(node, opset, i, output=True)):
                 stay32.add(id(v))
 
     converted_init = 0
+    retyped = 0
+    out_types = [v.dtype for v in graph.outputs]  # keep_io_types restores these
     casts = 0
     # Initializers: convert those only read by fp16 slots; float32 slots get their own copy.
     for name in list(graph.initializers):
         v = graph.initializers[name]
-        if v.dtype != F32 or v.const_value is None or v.is_graph_input():
+        if v.dtype != F32 or v.const_value is None or any(i is v for i in graph.inputs):
             continue
         arr = v.const_value.numpy()
-        if all(_slot32(u, opset, keep) for u in v.uses()):
+        # uses inside If/Loop/Scan bodies read the float16 copy through a Cast placed before the
+        # node (_cast_captured_values): the weight is stored as float16, the body computes in float32
+        if all(u.node.graph is graph and _slot32(u, opset, keep) for u in v.uses()):
             continue
         v16 = ir.Value(
             name=new_name(f"{name}_fp16"),
@@ -92,7 +96,7 @@ def convert_fp16(
         v16.const_value.name = v16.name
         graph.register_initializer(v16)
         for u in list(v.uses()):
-            if not _slot32(u, opset, keep):
+            if u.node.graph is not graph or not _slot32(u, opset, keep):
                 u.node.replace_input_with(u.idx, v16)
         converted_init += 1
         if not v.uses():
@@ -100,7 +104,7 @@ def convert_fp16(
 
     # Node outputs and Constant / Cast / ConstantOfShape attributes.
     for node in list(graph):
-        if node.op_type in keep:
+        if node.op_type in keep or _has_subgraph(node):
             continue
         if node.op_type == "Constant" and "value" in node.attributes:
             t = node.attributes["value"].value
@@ -119,6 +123,7 @@ def convert_fp16(
         for v in node.outputs:
             if v.dtype == F32 and id(v) not in stay32:
                 v.type = ir.TensorType(F16)
+                retyped += 1
     # Graph inputs.
     for v in list(graph.inputs):
         if v.dtype != F32:
@@ -128,7 +133,7 @@ def convert_fp16(
             uses = list(v.uses())
             node = ir.node("Cast", [v], {"to": int(F16)}, outputs=[c], name=new_name(f"{v.name}_Cast"))
             for u in uses:
-                if not _slot32(u, opset, keep):
+                if not _slot32(u, opset, keep, graph):
                     u.node.replace_input_with(u.idx, c)
             graph.insert_before(graph.node(0), node) if len(graph) else graph.append(node)
             casts += 1
@@ -141,8 +146,9 @@ def convert_fp16(
         for i, v in enumerate(node.inputs):
             if v is None or v.dtype not in (F16, F32):
                 continue
-            want32 = node.op_type in keep or not _schema_allows_fp16(node, opset, i, output=False)
-            if (want32 and v.dtype == F16) or (not want32 and v.dtype == F32 and node.op_type not in keep):
+            fixed = node.op_type in keep or _has_subgraph(node)
+            want32 = fixed or not _schema_allows_fp16(node, opset, i, output=False)
+            if (want32 and v.dtype == F16) or (not want32 and v.dtype == F32 and not fixed):
                 to = F32 if want32 else F16
                 c = ir.Value(
                     name=new_name(f"{v.name}_{'fp32' if want32 else 'fp16'}"),
@@ -154,9 +160,12 @@ def convert_fp16(
                 )
                 node.replace_input_with(i, c)
                 casts += 1
+    # If/Loop/Scan bodies stay float32: outer-scope values they read get a float32 copy.
+    subgraph_casts = _cast_captured_values(graph, new_name)
+    casts += subgraph_casts
     # Graph outputs.
     for i, v in enumerate(list(graph.outputs)):
-        if v.dtype == F16 and keep_io_types:
+        if v.dtype == F16 and keep_io_types and out_types[i] == F32:
             name = v.name
             v.name = new_name(f"{name}_fp16")
             out = ir.Value(name=name, type=ir.TensorType(F32), shape=v.shape)
@@ -171,14 +180,31 @@ def convert_fp16(
             graph.outputs[i] = out
             casts += 1
     graph.sort()
+    details: dict[str, Any] = {
+        "mode": "fp16",
+        "converted_initializers": converted_init,
+        "retyped_values": retyped,
+        "casts_inserted": casts,
+        "kept_fp32_ops": sorted(keep),
+        "keep_io_types": keep_io_types,
+        "subgraphs_kept_fp32": sum(1 for n in graph if _has_subgraph(n)),
+    }
+    if not (converted_init or retyped or casts):
+        details["warning"] = (
+            "fp16: nothing was converted (the model has no float32 tensors, e.g. it is float16 already)"
+        )
+        logger.warning("%s", details["warning"])
+        return PassResult(False, details)
     return PassResult(
         True,
         {
             "mode": "fp16",
             "converted_initializers": converted_init,
+            "retyped_values": retyped,
             "casts_inserted": casts,
             "kept_fp32_ops": sorted(keep),
             "keep_io_types": keep_io_types,
+            "subgraphs_kept_fp32": sum(1 for n in graph if _has_subgraph(n)),
         },
     )
 
@@ -188,9 +214,63 @@ def _to_fp16(a: np.ndarray) -> np.ndarray:
     return np.clip(a, -65504.0, 65504.0).astype(np.float16)
 
 
-def _slot32(use: Any, opset: int, keep: set[str]) -> bool:
+def _slot32(use: Any, opset: int, keep: set[str], graph: ir.Graph | None = None) -> bool:
+    """Whether this use needs a float32 value: a kept op, a node with subgraphs, a node inside a
+    subgraph (bodies stay float32), or a schema slot without float16."""
     node = use.node
-    return node.op_type in keep or not _schema_allows_fp16(node, opset, use.idx, output=False)
+    if graph is not None and node.graph is not graph:
+        return True
+    return (
+        node.op_type in keep
+        or _has_subgraph(node)
+        or not _schema_allows_fp16(node, opset, use.idx, output=False)
+    )
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+def _subgraph_nodes(node: ir.Node) -> list[ir.Node]:
+    """Every node inside ``node``'s subgraphs, recursively."""
+    out: list[ir.Node] = []
+    for a in node.attributes.values():
+        graphs = (
+            [a.value]
+            if a.type == ir.AttributeType.GRAPH
+            else list(a.value)
+            if a.type == ir.AttributeType.GRAPHS
+            else []
+        )
+        for g in graphs:
+            for n in g:
+                out.append(n)
+                out.extend(_subgraph_nodes(n))
+    return out
+
+
+def _cast_captured_values(graph: ir.Graph, new_name: Any) -> int:
+    """For every If/Loop/Scan of ``graph``: each float16 value of ``graph`` read inside its bodies is
+    replaced there by ``Cast(value, FLOAT)`` placed before the node. Returns the Casts inserted."""
+    casts = 0
+    for node in list(graph):
+        if not _has_subgraph(node):
+            continue
+        copies: dict[int, ir.Value] = {}
+        for inner in _subgraph_nodes(node):
+            for i, v in enumerate(inner.inputs):
+                if v is None or v.dtype != F16 or v.graph is not graph:
+                    continue
+                if id(v) not in copies:
+                    c = ir.Value(name=new_name(f"{v.name}_fp32"), type=ir.TensorType(F32), shape=v.shape)
+                    graph.insert_before(
+                        node,
+                        ir.node("Cast", [v], {"to": int(F32)}, outputs=[c], name=new_name(f"{v.name}_Cast")),
+                    )
+                    copies[id(v)] = c
+                    casts += 1
+                inner.replace_input_with(i, copies[id(v)])
+    return casts
 
 
 @dataclass(frozen=True)
@@ -212,3 +292,75 @@ class Fp16Pass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         cfg: Fp16Config = self.config
         return convert_fp16(model, keep_io_types=cfg.keep_io_types, keep_ops=cfg.keep_ops, target=ctx.target)
+
+
+def upcast_fp16(model: ir.Model) -> int:
+    """float16 -> float32 for the main graph (the inverse of :func:`convert_fp16`), so integer
+    quantization can run on a float16 model: initializers, ``Constant``/``ConstantOfShape`` values,
+    ``Cast(to=FLOAT16)`` and every float16 value become float32; float16 graph inputs and outputs keep
+    their type behind ``Cast`` nodes. Returns the number of tensors/values retyped (0: nothing to do).
+
+    Raises ``ValueError`` for graphs with If/Loop/Scan bodies (their captured values would change
+    type under them)."""
+    graph = model.graph
+    if any(_has_subgraph(n) for n in graph):
+        raise ValueError("the model has If/Loop/Scan subgraphs")
+    names: set[str] = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        names.update(v.name for v in node.outputs)
+
+    def new_name(hint: str) -> str:
+        n, i = hint, 0
+        while n in names:
+            i += 1
+            n = f"{hint}_{i}"
+        names.add(n)
+        return n
+
+    graph_inputs = {id(v) for v in graph.inputs}
+    fp16_outputs = [(i, v) for i, v in enumerate(graph.outputs) if v.dtype == F16]
+    count = 0
+    for name, v in list(graph.initializers.items()):
+        if v.dtype != F16 or v.const_value is None or id(v) in graph_inputs:
+            continue
+        v.const_value = ir.tensor(v.const_value.numpy().astype(np.float32), name=name)
+        v.type = ir.TensorType(F32)
+        count += 1
+    for node in graph:
+        for key in ("value",):
+            a = node.attributes.get(key)
+            if (
+                node.op_type in ("Constant", "ConstantOfShape")
+                and a is not None
+                and a.type == ir.AttributeType.TENSOR
+            ):
+                if a.value.dtype == F16:
+                    node.attributes[key] = ir.AttrTensor(key, ir.tensor(a.value.numpy().astype(np.float32)))
+                    count += 1
+        if node.op_type == "Cast" and node.attributes["to"].value == F16:
+            node.attributes["to"] = ir.AttrInt64("to", int(F32))
+            count += 1
+        for v in node.outputs:
+            if v.dtype == F16:
+                v.type = ir.TensorType(F32)
+                count += 1
+    for v in list(graph.inputs):
+        if v.dtype != F16 or not v.uses():
+            continue
+        c = ir.Value(name=new_name(f"{v.name}_fp32"), type=ir.TensorType(F32), shape=v.shape)
+        uses = list(v.uses())
+        cast = ir.node("Cast", [v], {"to": int(F32)}, outputs=[c], name=new_name(f"{v.name}_Cast"))
+        for u in uses:
+            u.node.replace_input_with(u.idx, c)
+        graph.insert_before(graph.node(0), cast) if len(graph) else graph.append(cast)
+        count += 1
+    for i, v in fp16_outputs:
+        if any(v is x for x in graph.inputs):
+            continue
+        name = v.name
+        v.name = new_name(f"{name}_fp32")
+        out = ir.Value(name=name, type=ir.TensorType(F16), shape=v.shape)
+        graph.append(ir.node("Cast", [v], {"to": int(F16)}, outputs=[out], name=new_name(f"{name}_Cast")))
+        graph.outputs[i] = out
+        count += 1
+    return count

@@ -245,8 +245,12 @@ def _ensure_opset(model: ir.Model, minimum: int) -> int | None:
         _infer_types(model)
         return None
     proto = ir.to_proto(model)
+    # intermediate types are re-inferred: the converter does not retype them (e.g. Dropout's mask
+    # output is T in opset 7 and bool from opset 12) and a stale one fails type inference
+    del proto.graph.value_info[:]
     try:
         converted = onnx.version_converter.convert_version(proto, minimum)
+        del converted.graph.value_info[:]
     except Exception as exc:
         raise PassError(
             f"quantize needs opset >= {minimum} (model has {old}) and the ONNX version converter failed: "
@@ -276,10 +280,10 @@ def _min_ir(opset: int) -> int:
 
 def _drop_initializer_inputs(model: ir.Model) -> None:
     graph = model.graph
-    keep = [v for v in graph.inputs if not (v.is_initializer() and v.const_value is not None)]
-    if len(keep) != len(graph.inputs):
-        graph.inputs.clear()
-        graph.inputs.extend(keep)
+    drop = [v for v in graph.inputs if v.is_initializer() and v.const_value is not None]
+    for v in drop:  # remove() (not clear()/del/pop) also resets Value.is_graph_input() in onnx_ir 1.1
+        graph.inputs.remove(v)
+    if drop:
         model.ir_version = max(model.ir_version, 4)
 
 
@@ -549,6 +553,7 @@ class _Layer:
     b: ir.Value | None
     axis: int  # per-output-channel axis of W
     in_axis: int  # reduction axis of W (block-wise quantization runs along it)
+    dtype: ir.DataType = ir.DataType.FLOAT  # float type of W and of the layer's activations
 
     @property
     def name(self) -> str:
@@ -569,7 +574,19 @@ class _Layer:
         return m if self.axis == 0 else m.T
 
 
-def _find_layers(graph: ir.Graph, cfg: QuantizeConfig) -> tuple[list[_Layer], list[dict[str, str]]]:
+_FP16_STATIC_REASON = (
+    "float16 weight in a model with If/Loop/Scan bodies: static-int8 and dynamic need float32 "
+    "(use mode='weight-only', or convert the model to float32 first)"
+)
+
+
+def _find_layers(
+    graph: ir.Graph, cfg: QuantizeConfig, *, float16: bool = False
+) -> tuple[list[_Layer], list[dict[str, str]]]:
+    """Conv/ConvTranspose/MatMul/Gemm nodes with a constant float weight, and the reason each other
+    weighted node is skipped. ``float16``: float16 weights are layers too (weight-only; the layer's
+    ``dtype`` says so and the activation type is then taken from the weight, as the ops' schemas tie
+    them); otherwise they are skipped with a reason."""
     layers: list[_Layer] = []
     skipped: list[dict[str, str]] = []
     for node in graph:
@@ -579,13 +596,32 @@ def _find_layers(graph: ir.Graph, cfg: QuantizeConfig) -> tuple[list[_Layer], li
         if _excluded(node, cfg):
             skipped.append({"node": node.name or op, "reason": "excluded"})
             continue
-        if len(node.inputs) < 2 or not _is_float(node.inputs[0]):
+        if len(node.inputs) < 2 or node.inputs[0] is None:
             continue
         w = node.inputs[1]
         wa = _const_array(w)
-        if wa is None or wa.dtype != np.float32:
-            if op != "MatMul":
-                skipped.append({"node": node.name or op, "reason": "weight is not a float32 initializer"})
+        if wa is None:
+            if op != "MatMul":  # MatMul of two activations has no weight: not a layer
+                skipped.append({"node": node.name or op, "reason": "weight is not a constant initializer"})
+            continue
+        if wa.dtype == np.float16:
+            if not float16:
+                skipped.append({"node": node.name or op, "reason": _FP16_STATIC_REASON})
+                continue
+            dtype = ir.DataType.FLOAT16
+        elif wa.dtype == np.float32:
+            dtype = ir.DataType.FLOAT
+            x_type = node.inputs[0].dtype
+            if x_type is None and not float16:
+                skipped.append(
+                    {"node": node.name or op, "reason": "input type unknown (type inference failed)"}
+                )
+                continue
+            if x_type is not None and x_type != ir.DataType.FLOAT:
+                skipped.append({"node": node.name or op, "reason": f"input is {x_type.name}, not FLOAT"})
+                continue
+        else:
+            skipped.append({"node": node.name or op, "reason": f"weight is {wa.dtype}, not float32/float16"})
             continue
         if wa.size < cfg.min_weight_elements:
             skipped.append({"node": node.name or op, "reason": f"weight has only {wa.size} elements"})
@@ -605,8 +641,22 @@ def _find_layers(graph: ir.Graph, cfg: QuantizeConfig) -> tuple[list[_Layer], li
                 skipped.append({"node": node.name or op, "reason": "Gemm with transA=1"})
                 continue
             axis, in_axis = (0, 1) if _attr(node, "transB", 0) else (1, 0)
-        layers.append(_Layer(node, node.inputs[0], w, b, axis, in_axis))
+        layers.append(_Layer(node, node.inputs[0], w, b, axis, in_axis, dtype))
     return layers, skipped
+
+
+def _nothing_quantized(mode: str, skipped: list[dict[str, str]], **extra: Any) -> PassResult:
+    """``changed=False`` with a warning saying why no layer was quantized (never a silent no-op)."""
+    if skipped:
+        reasons: dict[str, int] = {}
+        for s in skipped:
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        why = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        warning = f"quantize ({mode}): nothing was quantized; {len(skipped)} weighted nodes skipped: {why}"
+    else:
+        warning = f"quantize ({mode}): nothing was quantized; the model has no Conv/MatMul/Gemm with a constant weight"
+    logger.warning("%s", warning)
+    return PassResult(False, {"mode": mode, "layers": [], "skipped": skipped, "warning": warning, **extra})
 
 
 # ------------------------------------------------------------------------------ calibration helpers
@@ -808,11 +858,17 @@ def _container_array(codes: np.ndarray, dtype: ir.DataType) -> np.ndarray:
 
 
 def _dq_weight(
-    graph: ir.Graph, names: _Names, base: str, qw: _QWeight, dtype: ir.DataType
+    graph: ir.Graph,
+    names: _Names,
+    base: str,
+    qw: _QWeight,
+    dtype: ir.DataType,
+    scale_dtype: type[np.floating] = np.float32,
 ) -> tuple[ir.Value, ir.Node]:
-    """``DequantizeLinear(W_q, s, z)`` node and its output for a quantized weight."""
+    """``DequantizeLinear(W_q, s, z)`` node and its output for a quantized weight (output type = the
+    scale's type)."""
     wq = _const(graph, names, f"{base}_quantized", _container_array(qw.codes, dtype), dtype)
-    s = _const(graph, names, f"{base}_scale", np.asarray(qw.scale, np.float32))
+    s = _const(graph, names, f"{base}_scale", np.asarray(qw.scale, np.float32).astype(scale_dtype))
     z = _const(graph, names, f"{base}_zero_point", _container_array(np.asarray(qw.zp), dtype), dtype)
     attrs: dict[str, Any] = {}
     if qw.axis is not None:
@@ -824,6 +880,33 @@ def _dq_weight(
         "DequantizeLinear", [wq, s, z], attrs, outputs=[out], name=names.new(f"{base}_DequantizeLinear")
     )
     return out, node
+
+
+def _dq_weight_typed(
+    graph: ir.Graph,
+    names: _Names,
+    base: str,
+    qw: _QWeight,
+    dtype: ir.DataType,
+    out_type: ir.DataType,
+    opset: int,
+) -> tuple[ir.Value, list[ir.Node], int]:
+    """The dequantized weight in the layer's float type: float32 scales, or for a float16 layer
+    float16 scales (opset >= 19, when every scale is a normal float16) else ``Cast(DQ(...), FLOAT16)``.
+    Returns (value, nodes, bytes per scale)."""
+    if out_type == ir.DataType.FLOAT:
+        out, node = _dq_weight(graph, names, base, qw, dtype)
+        return out, [node], 4
+    s16 = np.asarray(qw.scale, np.float32).astype(np.float16)
+    if opset >= 19 and np.all(np.isfinite(s16)) and np.all(np.abs(s16) >= np.finfo(np.float16).tiny):
+        out, node = _dq_weight(graph, names, base, qw, dtype, np.float16)
+        return out, [node], 2
+    out32, node = _dq_weight(graph, names, base, qw, dtype)
+    out = ir.Value(name=names.new(f"{base}_dequantized_fp16"))
+    cast = ir.node(
+        "Cast", [out32], {"to": ir.DataType.FLOAT16}, outputs=[out], name=names.new(f"{base}_Cast")
+    )
+    return out, [node, cast], 4
 
 
 # ------------------------------------------------------------------------------------------- the pass
@@ -852,6 +935,14 @@ class QuantizePass(Pass):
             return convert_fp16(
                 model, keep_io_types=cfg.keep_io_types, keep_ops=cfg.fp16_keep_ops, target=ctx.target
             )
+        skipped = [s for s in result.details.get("skipped", []) if s.get("reason") != "excluded"]
+        n_done = len(result.details.get("layers", [])) or int(result.details.get("quantized_nodes", 0))
+        if result.changed and len(skipped) > n_done:
+            result.details["warning"] = (
+                f"quantize ({cfg.mode}): only {n_done} layers quantized, {len(skipped)} skipped "
+                "(see details['skipped'] for the reason per layer)"
+            )
+            logger.warning("%s", result.details["warning"])
         # Only the main graph is quantized: say how much sits in If/Loop/Scan bodies.
         from onnxcomp.model_io import iter_graphs
 
@@ -905,9 +996,17 @@ class QuantizePass(Pass):
             needs = 13
         old = _ensure_opset(model, needs)
         graph = model.graph
-        layers, skipped = _find_layers(graph, cfg)
+        layers, skipped = _find_layers(graph, cfg, float16=True)
+        if sixteen_fp:
+            skipped += [
+                {"node": lay.name, "reason": "weight is already float16"}
+                for lay in layers
+                if lay.dtype == ir.DataType.FLOAT16
+            ]
+            layers = [lay for lay in layers if lay.dtype != ir.DataType.FLOAT16]
         if not layers:
-            return PassResult(False, {"mode": cfg.mode, "layers": [], "skipped": skipped})
+            return _nothing_quantized(cfg.mode, skipped, opset_converted_from=old)
+        opset = _opset(model)
         stats = self._weight_stats(model, layers, ctx, cfg)
         names = _Names(graph)
         signed = cfg.symmetric_weights
@@ -915,10 +1014,15 @@ class QuantizePass(Pass):
         report: list[dict[str, Any]] = []
         before = after = 0
         cache: dict[tuple[str, str], ir.Value] = {}
+        dq_cache: dict[tuple[str, str], tuple[ir.Value, _QWeight]] = {}
+        seen: set[str] = set()
         with ctx.progress.task("quantize weights", total=len(layers)) as step:
             for layer in layers:
-                w = _const_array(layer.w)
-                before += w.nbytes
+                w_stored = _const_array(layer.w)
+                if (layer.w.name or layer.name) not in seen:
+                    before += w_stored.nbytes
+                    seen.add(layer.w.name or layer.name)
+                w = w_stored.astype(np.float32)  # float16 weights are quantized from their exact values
                 base = layer.w.name or layer.name
                 if sixteen_fp:
                     key = (base, "fp16")
@@ -935,8 +1039,8 @@ class QuantizePass(Pass):
                             )
                         )
                         cache[key] = out
+                        after += w.size * 2
                     layer.node.replace_input_with(1, cache[key])
-                    after += w.size * 2
                     err = qn.sqnr_db(w, w.astype(np.float16).astype(np.float32))
                     report.append(
                         {"node": layer.name, "bits": 16, "format": "fp16", "weight_sqnr_db": _r(err)}
@@ -946,19 +1050,31 @@ class QuantizePass(Pass):
                 block = cfg.block_size if cfg.block_size and w.shape[layer.in_axis] >= cfg.block_size else 0
                 if cfg.block_size and not block:
                     block = 0
-                if cfg.matmul_nbits and layer.node.op_type == "MatMul" and block:
+                fp32 = layer.dtype == ir.DataType.FLOAT
+                if cfg.matmul_nbits and layer.node.op_type == "MatMul" and block and fp32:
                     w_hat, n_scales = self._emit_matmul_nbits(
                         graph, names, layer, w, cfg, stats.get(layer.name)
                     )
                     after += w.size // 2 + n_scales * 4
                     qw = _QWeight(np.empty(0), np.empty(0), np.empty(0), layer.in_axis, block, grid, w_hat)
                 else:
-                    qw = _quantize_weight(layer, w, grid, cfg, block_size=block, stats=stats.get(layer.name))
-                    dtype = _weight_container(qw.grid.bits, qw.grid.signed)
-                    out, dq = _dq_weight(graph, names, base, qw, dtype)
-                    graph.append(dq)
+                    # a weight shared by several layers is stored once (GPTQ rounds per layer: not shared)
+                    key = (base, f"dq{layer.axis}/{layer.in_axis}/{block}")
+                    shared = cfg.method != "gptq" and key in dq_cache
+                    if shared:
+                        out, qw = dq_cache[key]
+                    else:
+                        qw = _quantize_weight(
+                            layer, w, grid, cfg, block_size=block, stats=stats.get(layer.name)
+                        )
+                        dtype = _weight_container(qw.grid.bits, qw.grid.signed)
+                        out, dq_nodes, scale_bytes = _dq_weight_typed(
+                            graph, names, base, qw, dtype, layer.dtype, opset
+                        )
+                        graph.extend(dq_nodes)
+                        dq_cache[key] = (out, qw)
+                        after += math.ceil(w.size * _bits_of(dtype) / 8) + qw.scale.size * scale_bytes
                     layer.node.replace_input_with(1, out)
-                    after += math.ceil(w.size * _bits_of(dtype) / 8) + qw.scale.size * 4
                 entry = {
                     "node": layer.name,
                     "bits": qw.grid.bits,
@@ -967,7 +1083,9 @@ class QuantizePass(Pass):
                     else ("channel" if qw.axis is not None else "tensor"),
                     "weight_sqnr_db": _r(qn.sqnr_db(w, qw.w_hat)),
                 }
-                if cfg.bias_correction:
+                if not fp32:
+                    entry["dtype"] = "float16"
+                if cfg.bias_correction and fp32:
                     self._apply_bias_correction(
                         graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry
                     )
@@ -1087,12 +1205,25 @@ class QuantizePass(Pass):
             raise TargetError(
                 f"quantize: target {_target_name(ctx.target)!r} has no INT8 support; use mode='fp16'"
             )
+        upcast, snapshot = _upcast_float16(model, ("MatMul",))
         old = _ensure_opset(model, 11)
         graph = model.graph
-        layers, skipped = _find_layers(graph, cfg)
-        layers = [lay for lay in layers if lay.node.op_type == "MatMul"]
+        layers, skipped = _find_layers(graph, cfg, float16=True)
+        skipped += [
+            {
+                "node": lay.name,
+                "reason": "dynamic mode quantizes MatMul only"
+                if lay.node.op_type != "MatMul"
+                else _FP16_STATIC_REASON,
+            }
+            for lay in layers
+            if lay.node.op_type != "MatMul" or lay.dtype != ir.DataType.FLOAT
+        ]
+        layers = [lay for lay in layers if lay.node.op_type == "MatMul" and lay.dtype == ir.DataType.FLOAT]
         if not layers:
-            return PassResult(False, {"mode": cfg.mode, "layers": [], "skipped": skipped})
+            if snapshot is not None:
+                _restore(model, snapshot)
+            return _nothing_quantized(cfg.mode, skipped, opset_converted_from=old)
         reduce_range = self._reduce_range(cfg, ctx.target)
         grid = qn.QGrid(8, signed=True, symmetric=True, reduce_range=reduce_range, narrow=True)
         stats = self._weight_stats(model, layers, ctx, cfg)
@@ -1164,6 +1295,7 @@ class QuantizePass(Pass):
                 "embeddings": embeddings,
                 "reduce_range": reduce_range,
                 "opset_converted_from": old,
+                "upcast_from_float16": upcast,
                 "layers": report,
                 "skipped": skipped,
             },
@@ -1201,17 +1333,67 @@ class QuantizePass(Pass):
                 f"quantize: target {_target_name(target)!r} keeps biases float; set quantize_bias = false "
                 "(or leave it unset)"
             )
-        if target is not None and getattr(target, "activation_symmetric", False) and not cfg.symmetric_activations:
+        if (
+            target is not None
+            and getattr(target, "activation_symmetric", False)
+            and not cfg.symmetric_activations
+        ):
             raise TargetError(
                 f"quantize: target {_target_name(target)!r} needs symmetric activations (zero point 0); "
                 "set symmetric_activations = true (or leave it unset)"
             )
-        return quantize_static_qdq(
+        upcast, snapshot = _upcast_float16(model, tuple(cfg.op_types))
+        result = quantize_static_qdq(
             model, ctx, cfg, activation_type=act, reduce_range=self._reduce_range(cfg, target)
         )
+        if snapshot is not None and not result.changed:  # nothing gained: give the float16 model back
+            _restore(model, snapshot)
+        elif upcast:
+            result.details["upcast_from_float16"] = upcast
+        return result
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def _upcast_float16(
+    model: ir.Model, ops: tuple[str, ...] = WEIGHTED_OPS
+) -> tuple[int, onnx.ModelProto | None]:
+    """Integer modes on a float16 model: retype its main graph to float32 first (float16 graph
+    inputs/outputs keep their type behind Casts) when a Conv/MatMul/Gemm has a float16 weight.
+    Returns the number of tensors retyped (0 when the model has no float16 weight or has
+    If/Loop/Scan bodies: its float16 layers are then skipped, with that reason) and the float16
+    model as it was (to restore it if nothing gets quantized)."""
+    from onnxcomp.passes.fp16 import upcast_fp16
+
+    _drop_initializer_inputs(model)
+    graph = model.graph
+    has_fp16_weight = any(
+        node.op_type in ops
+        and len(node.inputs) > 1
+        and (w := _const_array(node.inputs[1])) is not None
+        and w.dtype == np.float16
+        for node in graph
+    )
+    if not has_fp16_weight:
+        return 0, None
+    if any(
+        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for n in graph
+        for a in n.attributes.values()
+    ):
+        logger.warning("quantize: float16 model with If/Loop/Scan bodies is not upcast to float32")
+        return 0, None
+    snapshot = ir.to_proto(model)
+    n = upcast_fp16(model)
+    logger.info("quantize: float16 model upcast to float32 (%d tensors) before integer quantization", n)
+    return n, snapshot
+
+
+def _restore(model: ir.Model, proto: onnx.ModelProto) -> None:
+    restored = ir.from_proto(proto)
+    model.graph = restored.graph
+    model.ir_version = restored.ir_version
 
 
 def _r(x: float) -> float | None:

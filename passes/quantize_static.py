@@ -38,6 +38,7 @@ from onnxcomp.passes.quantize import (
     _is_float,
     _Layer,
     _Names,
+    _nothing_quantized,
     _quantize_weight,
     _QWeight,
     _r,
@@ -230,7 +231,7 @@ def quantize_static_qdq(
 
     plan = _make_plan(graph, cfg, layers, set())
     if not plan.nodes:
-        return PassResult(False, {"mode": cfg.mode, "reason": "no quantizable nodes", "skipped": skipped})
+        return _nothing_quantized(cfg.mode, skipped, reason="no quantizable nodes")
     opts: dict[str, Any] = {}
     if cfg.observer == "percentile":
         opts["percentile"] = cfg.percentile

@@ -129,3 +129,27 @@ def test_default_recipe_follows_model_and_target(tiny_model_path: Path, tmp_path
     assert result.report["recipe"]["passes"][1]["mode"] == "dynamic"
     assert result.report["verification"]["data_source"] == "held-out calibration samples"
     assert result.report["output"]["weight_bytes"] < result.report["input"]["weight_bytes"] / 2
+
+
+def test_tensorrt_target_writes_a_model_the_parser_accepts(repo_root: Path, tmp_path: Path) -> None:
+    examples = repo_root / "onnxcomp" / "examples"
+    result = onnxcomp.optimize(
+        examples / "digits_cnn.onnx",
+        output=tmp_path / "trt.onnx",
+        calib=examples / "digits_calib.npz",
+        target="tensorrt",
+    )
+    assert result.report["target"] == "tensorrt"
+    assert all(i["severity"] != "error" for i in result.report["target_issues"])
+    model = onnx.load(str(tmp_path / "trt.onnx"))
+    dq_inputs = [i for n in model.graph.node if n.op_type == "DequantizeLinear" for i in n.input[:1]]
+    int32 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT32}
+    assert dq_inputs and not int32.intersection(dq_inputs)  # biases stay float for TensorRT
+    assert result.report["verification"]["latency"]["slower"] is None
+
+
+def test_jetson_tx2_refuses_int8(tiny_model_path: Path) -> None:
+    from onnxcomp.errors import TargetError
+
+    with pytest.raises(TargetError, match="jetson-tx2"):
+        onnxcomp.optimize(tiny_model_path, recipe="safe-int8", target="jetson-tx2", calib=None)

@@ -581,3 +581,166 @@ def test_tensorrt_target_float_bias_symmetric_int8_activations() -> None:
     assert cosine(y, ref) > 0.999
     with pytest.raises(TargetError, match="keeps biases float"):
         quantize(cnn(), calib, target=trt, quantize_bias=True)
+
+
+def test_weight_only_after_cleanup_still_quantizes() -> None:
+    """``cleanup`` may leave ``Value.is_graph_input()`` set on big initializers (it lends them to a
+    temporary graph input list for type inference); the pass must still see them as weights."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, 32] x) => (float[B, 16] y) {
+        r = Relu (x)
+        c = Cast <to = 1> (r)
+        h = MatMul (c, w1)
+        y = MatMul (h, w2)
+    }
+    """
+    p = onnx.parser.parse_model(text)
+    p.graph.initializer.extend(
+        [_init("w1", RNG.normal(size=(32, 48))), _init("w2", RNG.normal(size=(48, 16)))]
+    )
+    m = ir.from_proto(p)
+    create_pass("cleanup", {}).run(m, PassContext())
+    res = quantize(m, None, mode="weight-only")
+    assert res.changed and len(res.details["layers"]) == 2
+    assert sum(n.op_type == "DequantizeLinear" for n in m.graph) == 2
+
+
+def _fp16_model(opset: int) -> onnx.ModelProto:
+    text = f"""
+    <ir_version: 9, opset_import: ["" : {opset}]>
+    g (float16[N, 3, 8, 8] x) => (float16[N, 10] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        gp = GlobalAveragePool (r)
+        f = Flatten (gp)
+        y = MatMul (f, w2)
+    }}
+    """
+    rng = np.random.default_rng(12)
+    p = onnx.parser.parse_model(text)
+    p.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float16), "w1"),
+            onnx.numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float16), "b1"),
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, (8, 10)).astype(np.float16), "w2"),
+        ]
+    )
+    return p
+
+
+@pytest.mark.parametrize(("opset", "scale_type"), [(13, np.float32), (19, np.float16)])
+def test_weight_only_float16_weights(opset: int, scale_type: type) -> None:
+    """float16 weights are quantized from their fp16 values; the dequantized weight is float16
+    (float16 scales from opset 19, else Cast after a float32 DequantizeLinear)."""
+    p = _fp16_model(opset)
+    x = [{"x": RNG.normal(size=(2, 3, 8, 8)).astype(np.float16)}]
+    ref = run(ir.from_proto(p), x).astype(np.float32)
+    m = ir.from_proto(p)
+    res = quantize(m, None, mode="weight-only")
+    assert res.changed and [e["dtype"] for e in res.details["layers"]] == ["float16", "float16"]
+    assert res.details["weight_bytes_before"] == (8 * 27 + 80) * 2
+    proto = ir.to_proto(m)
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert inits["w1_quantized"].dtype == np.int8 and inits["w1_scale"].dtype == scale_type
+    assert ("Cast" in {n.op_type for n in proto.graph.node}) == (opset < 19)
+    y = run(m, x).astype(np.float32)
+    assert y.dtype == np.float32 and cosine(y, ref) > 0.999
+
+
+def test_static_and_dynamic_on_float16_model_upcast_then_quantize() -> None:
+    """Integer modes on a float16 model: the graph is retyped to float32 (float16 I/O kept behind
+    Casts), then quantized; nothing is silently skipped."""
+    p = _fp16_model(13)
+    calib = [{"x": RNG.normal(size=(1, 3, 8, 8)).astype(np.float16)} for _ in range(8)]
+    ref = run(ir.from_proto(p), calib).astype(np.float32)
+    m = ir.from_proto(p)
+    d = quantize(m, calib, mode="static-int8").details
+    assert d["upcast_from_float16"] > 0 and d["quantized_nodes"] >= 2 and "warning" not in d
+    y = run(m, calib)
+    assert y.dtype == np.float16 and cosine(y.astype(np.float32), ref) > 0.99
+    m = ir.from_proto(p)
+    d = quantize(m, None, mode="dynamic").details
+    assert d["upcast_from_float16"] > 0 and len(d["layers"]) == 1
+    assert d["skipped"] == [{"node": "c", "reason": "dynamic mode quantizes MatMul only"}]
+    assert cosine(run(m, calib).astype(np.float32), ref) > 0.99
+
+
+def test_nothing_quantized_is_reported_not_silent() -> None:
+    """No layer quantized: changed=False, the float16 model is left as it was, and a warning gives the
+    reason per skipped layer."""
+    p = _fp16_model(13)
+    m = ir.from_proto(p)
+    res = quantize(m, None, mode="dynamic", min_weight_elements=1000)
+    assert not res.changed and "nothing was quantized" in res.details["warning"]
+    assert "weight has only 80 elements" in res.details["warning"]
+    assert m.graph.initializers["w2"].const_value.dtype == ir.DataType.FLOAT16  # upcast undone
+    res = quantize(mlp(), None, mode="weight-only", exclude_op_types=("MatMul",))
+    assert not res.changed and "2 x excluded" in res.details["warning"]
+
+
+def test_fp16_keeps_if_bodies_float32_with_casts() -> None:
+    """fp16 with an If whose body reads main-graph values (a Relu output, a weight): the body stays
+    float32, reads them through Casts, the weight is stored as float16; the checker passes."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 15]>
+    g (float[2, 1, 4] x, bool c) => (float[2, 4] y) {
+        h = Relu (x)
+        z = If (c) <
+            then_branch = t () => (float[2, 4] a) {
+                ax = Constant <value = int64[1] {1}> ()
+                s = Squeeze (h, ax)
+                a = MatMul (s, w)
+            },
+            else_branch = e () => (float[2, 4] b) {
+                ax2 = Constant <value = int64[1] {1}> ()
+                b = Squeeze (h, ax2)
+            }
+        >
+        y = Mul (z, z)
+    }
+    """
+    p = onnx.parser.parse_model(text)
+    p.graph.initializer.append(_init("w", RNG.normal(size=(4, 4))))
+    x = RNG.normal(size=(2, 1, 4)).astype(np.float32)
+    m = ir.from_proto(p)
+    res = quantize(m, None, mode="fp16")
+    proto = ir.to_proto(m)
+    onnx.checker.check_model(proto, full_check=True)
+    assert res.details["subgraphs_kept_fp32"] == 1
+    assert {t.name: t.data_type for t in proto.graph.initializer} == {"w_fp16": onnx.TensorProto.FLOAT16}
+    s = session_from_model(m)
+    s_ref = session_from_model(ir.from_proto(p))
+    for c in (True, False):
+        feed = {"x": x, "c": np.array(c)}
+        assert np.allclose(s.run(None, feed)[0], s_ref.run(None, feed)[0], rtol=1e-2, atol=1e-2)
+
+
+def test_weight_only_shared_weight_stored_once() -> None:
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, 32] x) => (float[B, 32] y) {
+        h = MatMul (x, w)
+        y = MatMul (h, w)
+    }
+    """
+    p = onnx.parser.parse_model(text)
+    p.graph.initializer.append(_init("w", RNG.normal(0, 0.2, (32, 32))))
+    x = [{"x": RNG.normal(size=(3, 32)).astype(np.float32)}]
+    ref = run(ir.from_proto(p), x)
+    m = ir.from_proto(p)
+    d = quantize(m, None, mode="weight-only").details
+    assert len(d["layers"]) == 2 and d["weight_bytes_before"] == 32 * 32 * 4
+    assert d["weight_bytes_after"] == 32 * 32 + 32 * 4
+    assert sum(n.op_type == "DequantizeLinear" for n in m.graph) == 1
+    assert cosine(run(m, x), ref) > 0.999
+
+
+def test_fp16_on_float16_model_changes_nothing_and_says_so() -> None:
+    p = _fp16_model(13)
+    m = ir.from_proto(p)
+    res = quantize(m, None, mode="fp16")
+    assert not res.changed and "nothing was converted" in res.details["warning"]
+    assert [n.op_type for n in m.graph] == ["Conv", "Relu", "GlobalAveragePool", "Flatten", "MatMul"]
+    assert m.graph.outputs[0].dtype == ir.DataType.FLOAT16
