@@ -72,7 +72,7 @@ def plot_op_types(report: Mapping[str, Any], path: str | os.PathLike[str], *, to
         for o in m["op_types"]:
             totals[o["op_type"]] = totals.get(o["op_type"], 0.0) + o["ms_per_run"]
     chosen = sorted(totals, key=lambda k: -totals[k])[:top]
-    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.6 * len(models)))
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(models)))
     left = [0.0] * len(models)
     cmap = plt.get_cmap("tab10")
     for k, op in enumerate([*chosen, "other"]):
@@ -87,7 +87,7 @@ def plot_op_types(report: Mapping[str, Any], path: str | os.PathLike[str], *, to
     ax.invert_yaxis()
     ax.set_xlabel("kernel time per run (ms, profiler on)")
     ax.set_title("time by op type")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside, never over bars
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
