@@ -9,6 +9,7 @@ inputs and outputs keep their type: ``x -> Cast(fp16) -> … -> Cast(fp32) -> y`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,23 @@ logger = logging.getLogger(__name__)
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 _F16_TYPE = "tensor(float16)"
+
+
+def _name_allocator(graph: ir.Graph) -> Callable[[str], str]:
+    """``new_name(hint)``: ``hint``, or ``hint_1``, ``hint_2`` … — never a name the graph already uses."""
+    names: set[str] = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        names.update(v.name for v in node.outputs)
+
+    def new_name(hint: str) -> str:
+        n, i = hint, 0
+        while n in names:
+            i += 1
+            n = f"{hint}_{i}"
+        names.add(n)
+        return n
+
+    return new_name
 
 
 def _schema_allows_fp16(node: ir.Node, opset: int, index: int, *, output: bool) -> bool:
@@ -52,17 +70,7 @@ def convert_fp16(
     graph = model.graph
     opset = model.opset_imports.get("", 1)
     keep = set(keep_ops)
-    names: set[str] = {v.name for v in graph.inputs} | set(graph.initializers)
-    for node in graph:
-        names.update(v.name for v in node.outputs)
-
-    def new_name(hint: str) -> str:
-        n, i = hint, 0
-        while n in names:
-            i += 1
-            n = f"{hint}_{i}"
-        names.add(n)
-        return n
+    new_name = _name_allocator(graph)
 
     # Which values must stay float32: inputs/outputs of kept nodes and fp16-less schema slots.
     # (Inputs are fixed afterwards with Casts; initializers get an fp16 copy only for fp16 slots.)
@@ -305,17 +313,7 @@ def upcast_fp16(model: ir.Model) -> int:
     graph = model.graph
     if any(_has_subgraph(n) for n in graph):
         raise ValueError("the model has If/Loop/Scan subgraphs")
-    names: set[str] = {v.name for v in graph.inputs} | set(graph.initializers)
-    for node in graph:
-        names.update(v.name for v in node.outputs)
-
-    def new_name(hint: str) -> str:
-        n, i = hint, 0
-        while n in names:
-            i += 1
-            n = f"{hint}_{i}"
-        names.add(n)
-        return n
+    new_name = _name_allocator(graph)
 
     graph_inputs = {id(v) for v in graph.inputs}
     fp16_outputs = [(i, v) for i, v in enumerate(graph.outputs) if v.dtype == F16]
