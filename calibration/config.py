@@ -72,8 +72,8 @@ class CalibrationConfig:
     #: Rows per sample for inputs whose batch dim is dynamic (fixed batch dims are always honoured).
     batch_size: int = 1
     # image preprocessing: x = (pixel * scale - mean) / std
-    resize: tuple[int, ...] | None = None
-    center_crop: tuple[int, ...] | None = None
+    resize: int | tuple[int, ...] | None = None
+    center_crop: int | tuple[int, ...] | None = None
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     channel_order: Literal["RGB", "BGR"] = "RGB"
     scale: float = 1.0
@@ -87,6 +87,9 @@ class CalibrationConfig:
     percentile: float = 99.999
 
     def __post_init__(self) -> None:
+        for key in ("resize", "center_crop"):  # one number means [n] (shorter side / square crop)
+            if isinstance(getattr(self, key), int):
+                object.__setattr__(self, key, (getattr(self, key),))
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.observer not in OBSERVER_KINDS:

@@ -151,7 +151,18 @@ def _calibration_sources(recipe: Recipe, model: ir.Model) -> tuple[Any, Any]:
     from onnxcomp.calibration.sources import open_source
     from onnxcomp.config import from_mapping
 
-    config = from_mapping(CalibrationConfig, recipe.calibration, where="calibration")
+    table = recipe.calibration
+    if table.get("data") is not None and table.get("kind", "auto") in ("auto", "images"):
+        from onnxcomp.calibration.sources import detect_kind
+
+        kind = detect_kind(str(table["data"])) if table.get("kind", "auto") == "auto" else "images"
+        if kind == "images" and not any(k in table for k in ("scale", "mean", "std")):
+            raise CalibrationError(
+                f"{table['data']}: image calibration needs an explicit preprocessing spec (how pixels become "
+                "model inputs): set calibration.scale, mean, std (and channel_order, layout, resize) in the "
+                "recipe or with --set, e.g. --set calibration.scale=0.00392156862745098 for RGB in 0..1"
+            )
+    config = from_mapping(CalibrationConfig, table, where="calibration")
     source = open_source(config, model=model)
     holdout = getattr(config, "holdout", 0) or 0
     if holdout:

@@ -55,8 +55,10 @@ def sqnr_db(ref: np.ndarray, cand: np.ndarray) -> float:
 
 
 def is_classifier_like(shape: tuple[int, ...], dtype: np.dtype) -> bool:
-    """A float output of shape [N, C] (or [C]) with 2 <= C <= 100000 looks like class scores."""
-    return np.issubdtype(dtype, np.floating) and len(shape) in (1, 2) and 2 <= shape[-1] <= 100_000
+    """A float output that is [N, C] or [C] once size-1 dims are dropped (e.g. [1, 1000, 1, 1]), with
+    2 <= C <= 100000, looks like class scores."""
+    dims = [d for d in shape if d != 1]
+    return np.issubdtype(dtype, np.floating) and len(dims) in (1, 2) and 2 <= dims[-1] <= 100_000
 
 
 def top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float:
@@ -110,9 +112,10 @@ class FidelityAccumulator:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
         if self.classifier is None:
             self.classifier = is_classifier_like(ref.shape, ref.dtype)
-        if self.classifier and ref.ndim >= 1 and ref.shape[-1] >= 2:
-            r = ref.reshape(-1, ref.shape[-1])
-            c = cand.reshape(-1, cand.shape[-1])
+        if self.classifier:
+            classes = [d for d in ref.shape if d != 1][-1]
+            r = np.squeeze(ref).reshape(-1, classes)
+            c = np.squeeze(cand).reshape(-1, classes)
             self.rows += r.shape[0]
             self.rows_agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
 

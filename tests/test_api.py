@@ -153,3 +153,43 @@ def test_jetson_tx2_refuses_int8(tiny_model_path: Path) -> None:
 
     with pytest.raises(TargetError, match="jetson-tx2"):
         onnxcomp.optimize(tiny_model_path, recipe="safe-int8", target="jetson-tx2", calib=None)
+
+
+def test_classifier_scores_with_singleton_dims_get_top1_agreement() -> None:
+    from onnxcomp.metrics import FidelityAccumulator, is_classifier_like
+
+    assert is_classifier_like((1, 1000, 1, 1), np.dtype(np.float32))
+    assert not is_classifier_like((1, 3, 224, 224), np.dtype(np.float32))
+    acc = FidelityAccumulator()
+    ref = np.zeros((1, 5, 1, 1), np.float32)
+    ref[0, 2] = 1.0
+    cand = ref.copy()
+    cand[0, 4] = 2.0
+    acc.update(ref, ref)
+    acc.update(ref, cand)
+    assert acc.result()["top1_agreement"] == 0.5
+
+
+def test_image_calibration_needs_an_explicit_spec(tmp_path: Path, repo_root: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((10, 10, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(model))
+    with pytest.raises(CalibrationError, match="image calibration needs an explicit preprocessing spec"):
+        onnxcomp.optimize(model, calib=folder, recipe={"passes": [{"name": "cleanup"}]})
+    ok = onnxcomp.optimize(
+        model,
+        calib=folder,
+        recipe={
+            "passes": [{"name": "cleanup"}],
+            "calibration": {"scale": 1 / 255, "resize": 8, "holdout": 1},
+        },
+    )
+    assert ok.report["verification"]["data_source"] == "held-out calibration samples"
