@@ -311,6 +311,9 @@ def check_no_nan_weights(model: ir.Model, *, source: str = "model") -> None:
             except Exception:  # exotic float types numpy cannot view (e.g. float4): skip
                 continue
             count = int(np.count_nonzero(np.isnan(array.astype(np.float32, copy=False))))
+            del array
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.release()  # drop the mapping: checking must not keep gigabytes resident
             if count:
                 raise ModelLoadError(
                     f"{source}: weight {name!r} holds {count} NaN value(s); fix or re-export the model "
