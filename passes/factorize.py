@@ -46,8 +46,12 @@ class FactorizeConfig:
     param_ratio: float = 0.5
     #: ratio rule: ``layer`` gives every layer the same ratio; ``model`` spends one budget where the
     #: spectrum gains most (relative energy per parameter); ``equal_error`` spends it so that every
-    #: layer keeps the same fraction of its (whitened) energy
-    ratio_scope: Literal["layer", "model", "equal_error"] = "layer"
+    #: layer keeps the same fraction of its (whitened) energy; ``sensitivity`` spends it greedily on
+    #: the components that most reduce Σ_l w_l e_l(r_l), e_l the layer's normalised (whitened) output
+    #: error and w_l its measured effect on the model outputs (needs calibration samples)
+    ratio_scope: Literal["layer", "model", "equal_error", "sensitivity"] = "layer"
+    #: sensitivity scope: calibration samples used to measure each layer's effect on the model outputs
+    sensitivity_samples: int = 64
     #: EBIC's γ (0 = plain BIC; larger favours smaller ranks)
     ebic_gamma: float = 0.5
     #: fixed rule: the rank of every layer (capped at min(K, N))
@@ -107,6 +111,8 @@ class FactorizeConfig:
             raise ValueError(f"damping must be ≥ 0, got {self.damping}")
         if self.calibration_samples < 1 or self.conv_rows_per_sample < 1:
             raise ValueError("calibration_samples and conv_rows_per_sample must be ≥ 1")
+        if self.sensitivity_samples < 1:
+            raise ValueError(f"sensitivity_samples must be ≥ 1, got {self.sensitivity_samples}")
         bad = sorted(set(self.ops) - {"MatMul", "Gemm", "Conv"})
         if bad:
             raise ValueError(f"ops may contain MatMul, Gemm, Conv; got {bad[0]!r}")
@@ -469,14 +475,19 @@ def _rule_rank(plan: _Plan, cfg: FactorizeConfig) -> int:
     )
 
 
-def _allocate_model_ratio(plans: Sequence[_Plan], cfg: FactorizeConfig) -> None:
+def _allocate_model_ratio(
+    plans: Sequence[_Plan], cfg: FactorizeConfig, weights: Sequence[float] | None = None
+) -> None:
     """One parameter budget ``param_ratio · Σ K N`` spent greedily on the components with the largest
-    relative energy per parameter ``(σᵢ² / Σσ²) / (K + N)``."""
+    (weighted) relative energy per parameter ``w_l (σᵢ² / Σσ²) / (K + N)``; as the spectra decrease,
+    this minimizes ``Σ_l w_l e_l(r_l)`` with ``e_l(r) = Σ_{i≥r} σᵢ² / Σσ²`` (whitened: the layer's
+    squared relative output error)."""
     budget = cfg.param_ratio * sum(p.layer.params for p in plans)
     gains: list[tuple[float, int]] = []
     for idx, p in enumerate(plans):
+        w = 1.0 if weights is None else float(weights[idx])
         cap = min(len(p.s), max(1, lr.max_useful_rank(p.layer.k, p.layer.n, cfg.min_saving)))
-        rel = (p.s[:cap] ** 2) / max(p.total, 1e-300) / (p.layer.k + p.layer.n)
+        rel = w * (p.s[:cap] ** 2) / max(p.total, 1e-300) / (p.layer.k + p.layer.n)
         gains.extend((float(g), idx) for g in rel)
     gains.sort(key=lambda t: -t[0])
     ranks = [0] * len(plans)
@@ -489,6 +500,80 @@ def _allocate_model_ratio(plans: Sequence[_Plan], cfg: FactorizeConfig) -> None:
         spent += cost
     for p, r in zip(plans, ranks, strict=True):
         p.rank = max(1, r)
+
+
+def _weight_layout(layer: _Layer, approx: np.ndarray) -> np.ndarray:
+    """``approx[K, N]`` (``y = x @ W``) back in the layout of the layer's weight initializer."""
+    if layer.kind == "gemm" and _attr(layer.node, "transB", 0):
+        return approx.T
+    if layer.kind == "conv":
+        return approx.T.reshape(layer.conv_weight_shape)
+    if layer.kind == "conv_spatial":
+        o, i, kh, kw = layer.conv_weight_shape
+        return approx.reshape(i, kh, o, kw).transpose(2, 0, 1, 3)
+    return approx
+
+
+def _measure_sensitivity(
+    model: ir.Model,
+    plans: Sequence[_Plan],
+    cfg: FactorizeConfig,
+    samples: Iterable[Mapping[str, np.ndarray]],
+    step: Any,
+) -> list[float]:
+    """Per layer ``w_l = D_l / e_l(r₀)``: the model's mean squared relative output change ``D_l`` when
+    only layer ``l`` is truncated to the uniform rank ``r₀`` (``param_ratio`` of its parameters), per
+    unit of that layer's own normalised output error ``e_l(r₀) = Σ_{i≥r₀} σᵢ² / Σσ²``. Measured on
+    ``sensitivity_samples`` calibration samples; the weights are restored afterwards."""
+    from onnxcomp.ort_session import session_from_model
+
+    feeds: list[dict[str, np.ndarray]] = []
+    names = [v.name for v in model.graph.inputs]
+    for i, sample in enumerate(samples):
+        if i >= cfg.sensitivity_samples:
+            break
+        feeds.append({n: np.asarray(sample[n]) for n in names if n in sample})
+    if not feeds:
+        raise CalibrationError("factorize: the calibration source yielded no samples")
+
+    def outputs() -> list[list[np.ndarray]]:
+        sess = session_from_model(model)
+        wanted = {a.name for a in sess.get_inputs()}
+        res = []
+        for f in feeds:
+            got = sess.run(None, {k: v for k, v in f.items() if k in wanted})
+            res.append(
+                [np.asarray(o, np.float64) for o in got if np.issubdtype(np.asarray(o).dtype, np.floating)]
+            )
+        return res
+
+    reference = outputs()
+    weights: list[float] = []
+    for p in plans:
+        layer = p.layer
+        r0 = min(len(p.s), lr.ratio_rank(layer.k, layer.n, cfg.param_ratio))
+        e0 = float(np.sum(p.s[r0:] ** 2) + max(p.total - float(np.sum(p.s**2)), 0.0)) / max(p.total, 1e-300)
+        weight_value = layer.weight
+        original = weight_value.const_value
+        if original is None or e0 <= 0.0:
+            weights.append(1.0 if e0 > 0.0 else 0.0)
+            step(1)
+            continue
+        u, v = lr.truncate(p.u, p.s, p.vt, r0)
+        approx = _weight_layout(layer, u @ v).astype(layer.dtype.numpy())
+        weight_value.const_value = ir.tensor(np.ascontiguousarray(approx), name=original.name)
+        try:
+            changed = outputs()
+        finally:
+            weight_value.const_value = original
+        d = [
+            float(np.sum((a - b) ** 2)) / max(float(np.sum(b * b)), 1e-300)
+            for got, ref in zip(changed, reference, strict=True)
+            for a, b in zip(got, ref, strict=True)
+        ]
+        weights.append(float(np.mean(d)) / e0 if d else 1.0)
+        step(1)
+    return weights
 
 
 def _allocate_equal_error(plans: Sequence[_Plan], cfg: FactorizeConfig) -> None:
@@ -749,7 +834,16 @@ class FactorizePass(Pass):
                     want = min(cfg.fixed_rank, layer.k, layer.n)
                 plans.append(_decompose(layer, cfg, r_factor, want))
                 step(1)
-        if cfg.rank_rule == "ratio" and cfg.ratio_scope == "model" and plans:
+        sensitivities: list[float] | None = None
+        if cfg.rank_rule == "ratio" and cfg.ratio_scope == "sensitivity" and plans:
+            if ctx.calibration is None:
+                raise CalibrationError(
+                    "factorize.ratio_scope = 'sensitivity' needs calibration samples; add a [calibration] table"
+                )
+            with ctx.progress.task("factorize: layer sensitivity", total=len(plans)) as step:
+                sensitivities = _measure_sensitivity(model, plans, cfg, ctx.calibration_samples(), step)
+            _allocate_model_ratio(plans, cfg, weights=sensitivities)
+        elif cfg.rank_rule == "ratio" and cfg.ratio_scope == "model" and plans:
             _allocate_model_ratio(plans, cfg)
         elif cfg.rank_rule == "ratio" and cfg.ratio_scope == "equal_error" and plans:
             _allocate_equal_error(plans, cfg)
@@ -764,6 +858,10 @@ class FactorizePass(Pass):
         else:
             for p in plans:
                 self._finish(p, results, skipped, taken)
+        if sensitivities is not None:
+            weight_of = {p.layer.node.name: w for p, w in zip(plans, sensitivities, strict=True)}
+            for entry in results:
+                entry["sensitivity"] = round(weight_of.get(entry["node"], 0.0), 6)
         params_before = sum(e["params_before"] for e in results)
         params_after = sum(e["params_after"] for e in results)
         storage_after = sum(e["storage_params_after"] for e in results)

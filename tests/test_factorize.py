@@ -522,3 +522,58 @@ def test_factors_compose_with_weight_only_quantization() -> None:
     assert ops.count("MatMul") == 2 and "DequantizeLinear" in ops
     out = _run(model, {"x": x})
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.02
+
+
+def _two_branch_model(a: np.ndarray, b: np.ndarray) -> ir.Model:
+    """``y = 10 · x A + 0.1 · x B``: branch A matters 10⁴× more to the output than branch B."""
+    k, n = a.shape
+    nodes = [
+        helper.make_node("MatMul", ["x", "A"], ["ha"], name="a"),
+        helper.make_node("MatMul", ["x", "B"], ["hb"], name="b"),
+        helper.make_node("Mul", ["ha", "big"], ["sa"]),
+        helper.make_node("Mul", ["hb", "small"], ["sb"]),
+        helper.make_node("Add", ["sa", "sb"], ["y"]),
+    ]
+    inits = {"A": a, "B": b, "big": np.array(10.0), "small": np.array(0.1)}
+    return _model(nodes, [("x", [4, k])], [("y", [4, n])], inits)
+
+
+def test_sensitivity_allocation_spends_budget_on_layers_that_matter() -> None:
+    rng = np.random.default_rng(30)
+    k = 48
+    a, b = rng.standard_normal((k, k)), rng.standard_normal((k, k))
+
+    def samples() -> list[dict[str, np.ndarray]]:
+        r = np.random.default_rng(31)
+        return [{"x": r.standard_normal((4, k)).astype(np.float32)} for _ in range(20)]
+
+    x_eval = np.random.default_rng(32).standard_normal((4, k)).astype(np.float32)
+    ref = _run(_two_branch_model(a, b), {"x": x_eval})
+    errors, ranks = {}, {}
+    for scope in ("layer", "model", "sensitivity"):
+        model = _two_branch_model(a, b)
+        opts = {"rank_rule": "ratio", "ratio_scope": scope, "param_ratio": 0.5, "min_params": 0}
+        details = _apply(
+            model, {**opts, "whiten": "always", "sensitivity_samples": 8}, PassContext(calibration=samples)
+        )
+        ranks[scope] = {d["node"]: d["rank"] for d in details["layers"]}
+        assert details["params_after"] <= 0.5 * details["params_before"]
+        errors[scope] = np.linalg.norm(_run(model, {"x": x_eval}) - ref) / np.linalg.norm(ref)
+        if scope == "sensitivity":
+            sens = {d["node"]: d["sensitivity"] for d in details["layers"]}
+            # D_l / e_l: the output weights 10 and 0.1 scale the squared effect by about 10⁴
+            assert sens["a"] > 100 * sens["b"]
+    assert ranks["layer"]["a"] == ranks["layer"]["b"]
+    assert ranks["sensitivity"]["a"] > ranks["sensitivity"]["b"]
+    assert errors["sensitivity"] < 0.8 * min(errors["layer"], errors["model"])
+
+
+def test_sensitivity_scope_needs_calibration_and_valid_samples() -> None:
+    rng = np.random.default_rng(33)
+    model = _two_branch_model(rng.standard_normal((48, 48)), rng.standard_normal((48, 48)))
+    with pytest.raises(CalibrationError, match="sensitivity"):
+        _apply(
+            model, {"rank_rule": "ratio", "ratio_scope": "sensitivity", "min_params": 0, "whiten": "never"}
+        )
+    with pytest.raises(RecipeError, match="sensitivity_samples"):
+        create_pass("factorize", {"sensitivity_samples": 0})
