@@ -4,7 +4,10 @@
    squeezenet1.1 (fp16 file converted to fp32; top-1 and agreement with the fp32 model on
    imagenet-100, calibrated on the 9 non-ImageNet photos of images/photos + images/faces):
    accuracy vs sparsity for magnitude (per layer and global), α·σ (α solved for the sparsity),
-   Wanda, Wanda + sequential least-squares refit, SparseGPT + refit; raw and Deflate (zlib -9) size.
+   Wanda, Wanda + sequential least-squares refit, SparseGPT + refit; raw and Deflate (zlib -9) size;
+   on mnist at 70/80/90 % also SparseGPT + refit + calibration-scored per-layer allocation search
+   (``allocation_search = 2``) with ±1-pixel shifted calibration copies (``augment_shifts = 1``),
+   ~3 min per row.
 2. seed 003 on mnist: α ∈ {0, .25, .5, .75} × bits ∈ {32, 16, 8, 4, 3}: prune-then-quantize with the
    grid starting at β (ceil as in the seed, and round-to-nearest), against α·σ pruning + plain
    symmetric quantization at the same bits: accuracy, sparsity, compressed size.
@@ -12,7 +15,7 @@
    latency on ONNX Runtime CPU (1 thread, median, variants interleaved), parameters, fidelity.
 
     python benchmarks/bench_prune.py               # everything (~10 min on a loaded 2-core box)
-    python benchmarks/bench_prune.py --part mnist  # one part: mnist | squeezenet | seed | structured
+    python benchmarks/bench_prune.py --part mnist  # one part: mnist (~15 min, the alloc rows) | squeezenet | seed | structured
 
 Prints markdown tables and writes benchmarks/results/prune.json.
 """
@@ -183,6 +186,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "wanda+refit": {"method": "wanda", "scope": "global", "reconstruct": True},
     "sparsegpt+refit": {"method": "sparsegpt", "scope": "global", "reconstruct": True},
 }
+#: mnist only, at the high sparsities (each run prunes ~13 clones): calibration-scored per-layer
+#: allocation search + ±1-pixel shifted calibration copies (still only the 200 calibration digits)
+MNIST_SEARCH: dict[str, dict[str, Any]] = {
+    "sparsegpt+refit+alloc": {
+        "method": "sparsegpt",
+        "scope": "global",
+        "reconstruct": True,
+        "allocation_search": 2,
+        "augment_shifts": 1,
+    },
+}
+SEARCH_SPARSITIES = (0.7, 0.8, 0.9)
 
 
 def sparsity_sweep(
@@ -202,6 +217,8 @@ def sparsity_sweep(
     for s in SPARSITIES:
         for method, opts in methods.items():
             if s == 0.0 and method != "magnitude":
+                continue
+            if method in MNIST_SEARCH and s not in SEARCH_SPARSITIES:
                 continue
             model = load()
             o = dict(opts, min_size=min_size, calibration_samples=samples)
@@ -232,7 +249,13 @@ def mnist_part() -> dict[str, Any]:
         return ({"Input3": xc[i : i + 1]} for i in range(len(xc)))
 
     return sparsity_sweep(
-        "mnist", lambda: load_model(path), evaluate, calib, min_size=64, samples=200, methods=METHODS
+        "mnist",
+        lambda: load_model(path),
+        evaluate,
+        calib,
+        min_size=64,
+        samples=200,
+        methods=METHODS | MNIST_SEARCH,
     )
 
 

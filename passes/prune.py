@@ -14,6 +14,11 @@ Per selected layer ``k`` (weights of MatMul/Gemm/Conv/ConvTranspose stored as in
   Jetson TX2 and other pre-Ampere devices run it as dense and gain nothing but Deflate size).
 * ``reconstruct=true``: least-squares refit of the surviving weights to the original layer outputs
   on calibration data (see ``prune_numerics.reconstruct``).
+* ``allocation_search=r`` (``scope="global"``): keep the global count of zeros, search per-layer
+  counts by moving zeros between layers (``r`` rounds, halving moves) and keep moves that lower the
+  output error against the original model on the calibration samples (never on evaluation data).
+* ``augment_shifts=s``: calibrate also on copies of every sample with its 4-D image inputs shifted by
+  up to ``s`` pixels (zero fill), ``(2s+1)²`` samples per calibration sample.
 * ``quantize="seed003"``: store integer codes ``c`` of ``Q(P(W, β), q'_k)`` and decode in the graph with
   constant ops ``w = c·q' + sign(c)·β`` (ONNX Runtime folds them at session load);
   ``quantize="affine"``: plain symmetric codes ``w = c·q`` at the same bits for comparison.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -64,7 +70,14 @@ class PruneConfig:
     #: let the refit also correct the layer's bias (own bias input, a following per-channel Add, or a new one)
     refit_bias: bool = True
     damping: float = 0.01
+    #: rounds of a calibration-scored search over per-layer sparsities (``scope="global"``; 0 = off)
+    allocation_search: int = 0
+    #: first move size of that search, as a fraction of the smaller layer of each pair (halved per round)
+    allocation_step: float = 0.1
     calibration_samples: int = 128
+    #: also calibrate on copies of every sample with its 4-D image inputs shifted by up to this many
+    #: pixels (``(2s+1)²`` copies, zero fill); 0 = off
+    augment_shifts: int = 0
     op_types: tuple[str, ...] = _WEIGHT_OPS
     min_size: int = 64
     include: tuple[str, ...] = ()
@@ -86,6 +99,16 @@ class PruneConfig:
             raise ValueError("damping must be >= 0")
         if self.calibration_samples < 1:
             raise ValueError("calibration_samples must be >= 1")
+        if not 0 <= self.augment_shifts <= 8:
+            raise ValueError("augment_shifts must be in 0..8")
+        if self.allocation_search < 0:
+            raise ValueError("allocation_search must be >= 0")
+        if not 0.0 < self.allocation_step < 1.0:
+            raise ValueError("allocation_step must be in (0, 1)")
+        if self.allocation_search and (self.scope != "global" or self.method == "alpha-sigma" or self.nm):
+            raise ValueError(
+                "allocation_search needs scope 'global', no nm, and a method other than 'alpha-sigma'"
+            )
         if self.min_size < 0:
             raise ValueError("min_size must be >= 0")
         if self.nm:
@@ -402,11 +425,31 @@ def _accumulate(
         layer.stats["rows"] = layer.stats.get("rows", 0) + cols.shape[1]
 
 
-def _limited(ctx: PassContext, count: int) -> Iterator[Mapping[str, np.ndarray]]:
+def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``x`` moved by ``(dy, dx)`` along its last two axes, zero-filled (no wrap-around)."""
+    out = np.zeros_like(x)
+    h, w = x.shape[-2:]
+    src = x[..., max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+    out[..., max(0, dy) : max(0, dy) + src.shape[-2], max(0, dx) : max(0, dx) + src.shape[-1]] = src
+    return out
+
+
+def _limited(ctx: PassContext, count: int, shifts: int = 0) -> Iterator[Mapping[str, np.ndarray]]:
+    """The first ``count`` calibration samples; with ``shifts = s`` each is followed by its copies with
+    every 4-D float input shifted by ``(dy, dx) ∈ [−s, s]² \\ {(0, 0)}`` (zero fill)."""
+    moves = [(dy, dx) for dy in range(-shifts, shifts + 1) for dx in range(-shifts, shifts + 1) if dy or dx]
     for i, sample in enumerate(ctx.calibration_samples()):
         if i >= count:
             return
         yield sample
+        images = [k for k, v in sample.items() if np.ndim(v) == 4 and np.asarray(v).dtype.kind == "f"]
+        if not images:
+            continue
+        for dy, dx in moves:
+            moved = dict(sample)
+            for k in images:
+                moved[k] = _shift(np.asarray(sample[k]), dy, dx)
+            yield moved
 
 
 def _collect_pair(model: ir.Model, reference: Any, layer: Layer, ctx: PassContext, cfg: PruneConfig) -> None:
@@ -417,8 +460,10 @@ def _collect_pair(model: ir.Model, reference: Any, layer: Layer, ctx: PassContex
     shape = tuple(layer.array().shape)
     feedable = {i.name for i in reference.get_inputs()}
     graph_inputs = {v.name for v in model.graph.inputs}
-    current = stream_layer_inputs(model, [name], _limited(ctx, cfg.calibration_samples))
-    for sample, values in zip(_limited(ctx, cfg.calibration_samples), current, strict=False):
+    current = stream_layer_inputs(model, [name], _limited(ctx, cfg.calibration_samples, cfg.augment_shifts))
+    for sample, values in zip(
+        _limited(ctx, cfg.calibration_samples, cfg.augment_shifts), current, strict=False
+    ):
         if name in graph_inputs:
             ref = np.asarray(sample[name])
         else:
@@ -440,7 +485,9 @@ def _collect(model: ir.Model, layers: list[Layer], ctx: PassContext, cfg: PruneC
 
     count = 0
     with ctx.progress.task("prune: calibration activations", total=cfg.calibration_samples) as step:
-        for values in stream_layer_inputs(model, names, _limited(ctx, cfg.calibration_samples)):
+        for values in stream_layer_inputs(
+            model, names, _limited(ctx, cfg.calibration_samples, cfg.augment_shifts)
+        ):
             for name, group in by_act.items():
                 for layer in group:
                     need_gram = cfg.needs_gram and not cfg.sequential and layer.op != "ConvTranspose"
@@ -659,9 +706,62 @@ class PrunePass(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         with _single_blas():
+            if self.config.allocation_search:
+                return self._search(model, ctx)
             return self._run(model, ctx)
 
-    def _run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+    def _search(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Per-layer sparsity allocation under the same global count of zeros: start from the global
+        threshold's counts ``n_k``; each round tries moving ``δ = round(step·min(N_i, N_j))`` zeros from
+        layer ``j`` to layer ``i`` for every ordered pair, keeps a move when the calibration output error
+        ``E = mean‖f_pruned(x) − f(x)‖²`` (over all graph outputs, calibration samples only) drops, and
+        halves ``step``. Every trial prunes a clone of the model; the best allocation is applied last."""
+        cfg: PruneConfig = self.config
+        if ctx.calibration is None:
+            raise CalibrationError(
+                "prune: allocation_search needs calibration data; give a [calibration] table"
+            )
+        samples = list(_limited(ctx, cfg.calibration_samples, cfg.augment_shifts))
+        reference = _outputs(model, samples)
+
+        def trial(counts: list[int] | None) -> tuple[float, PassResult]:
+            clone = model.clone()
+            result = self._run(clone, ctx, counts)
+            out = _outputs(clone, samples)
+            err = sum(float(np.mean((a - b) ** 2)) for a, b in zip(out, reference, strict=True))
+            return err, result
+
+        best_err, first = trial(None)
+        best = list(first.details.get("allocation") or [])
+        start = list(best)
+        sizes = [int(info["params"]) for info in first.details["layers"]]
+        caps = [math.floor(cfg.max_layer_sparsity * n) for n in sizes]
+        tried = 1
+        step = cfg.allocation_step
+        for _ in range(cfg.allocation_search if best else 0):
+            for i in range(len(best)):
+                for j in range(len(best)):
+                    delta = max(1, round(step * min(sizes[i], sizes[j])))
+                    if i == j or best[i] + delta > caps[i] or best[j] - delta < 0:
+                        continue
+                    counts = list(best)
+                    counts[i] += delta
+                    counts[j] -= delta
+                    err, _ = trial(counts)
+                    tried += 1
+                    if err < best_err:
+                        best_err, best = err, counts
+            step /= 2
+        result = self._run(model, ctx, best or None)
+        result.details["allocation_search"] = {
+            "start": start,
+            "chosen": best,
+            "calibration_error": best_err,
+            "trials": tried,
+        }
+        return result
+
+    def _run(self, model: ir.Model, ctx: PassContext, counts: list[int] | None = None) -> PassResult:
         cfg: PruneConfig = self.config
         folded = fold_weight_reshapes(model, cfg.op_types)
         layers, skipped = find_layers(
@@ -721,7 +821,7 @@ class PrunePass(Pass):
                 only_extra_outputs=True,
                 options=session_options(optimization="basic"),
             )
-            samples = samples or sum(1 for _ in _limited(ctx, cfg.calibration_samples))
+            samples = samples or sum(1 for _ in _limited(ctx, cfg.calibration_samples, cfg.augment_shifts))
 
         weights = [layer.array().astype(np.float32) for layer in layers]
         scores = [_scores(layer, w, cfg) for layer, w in zip(layers, weights, strict=True)]
@@ -730,6 +830,8 @@ class PrunePass(Pass):
             global_counts = pn.global_prune_counts(
                 scores, cfg.sparsity, max_layer_sparsity=cfg.max_layer_sparsity
             )
+            if counts is not None and len(counts) == len(global_counts):
+                global_counts = list(counts)
 
         per_layer: list[dict[str, Any]] = []
         total = zeros_before = zeros_after = 0
@@ -770,6 +872,7 @@ class PrunePass(Pass):
             "model_float_sparsity": all_zeros / all_params if all_params else 0.0,
             "layers": per_layer,
             "skipped": skipped,
+            "allocation": global_counts,
         }
         return PassResult(changed=changed or bool(folded), details=details)
 
@@ -853,6 +956,21 @@ class PrunePass(Pass):
             info["changed"] = changed
         info["sparsity"] = info["zeros"] / w.size if w.size else 0.0
         return info
+
+
+def _outputs(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    """All graph outputs of ``model`` over ``samples``, concatenated per output (float64)."""
+    from onnxcomp.ort_session import session_from_model, session_options
+
+    session = session_from_model(model, options=session_options(optimization="basic"))
+    feedable = {i.name for i in session.get_inputs()}
+    runs = [session.run(None, {k: v for k, v in s.items() if k in feedable}) for s in samples]
+    if not runs:
+        raise CalibrationError("prune: the calibration source gave no samples")
+    return [
+        np.concatenate([np.asarray(r[k], dtype=np.float64).reshape(-1) for r in runs])
+        for k in range(len(runs[0]))
+    ]
 
 
 def _subgraphs(model: ir.Model) -> Iterator[ir.Graph]:

@@ -197,7 +197,8 @@ def sparsegpt(
     updates of the not-yet-processed columns, mask chosen per block of ``blocksize`` columns by
     ``w²/[H⁻¹]_jj²`` (``H = Σxxᵀ + λI``, ``λ = damping·mean diag H``; ``U = chol(H⁻¹)ᵀ``).
 
-    Returns ``(new_matrix, keep)``; with ``nm=(n, m)`` every ``m`` consecutive columns keep ``n``.
+    Returns ``(new_matrix, keep)`` with exactly ``round(sparsity·rows·cols)`` weights dropped; with
+    ``nm=(n, m)`` every ``m`` consecutive columns keep ``n``.
     """
     w = matrix.astype(np.float64).copy()
     rows, cols = w.shape
@@ -214,6 +215,7 @@ def sparsegpt(
         hinv = np.linalg.pinv(h)
         u = np.linalg.cholesky(hinv + 1e-8 * np.eye(cols)).T
     keep = np.ones((rows, cols), dtype=bool)
+    total, dropped = round(sparsity * rows * cols), 0  # exact overall count: blocks share the rounding
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = w[:, i1:i2].copy()
@@ -223,8 +225,9 @@ def sparsegpt(
         mask1 = np.zeros_like(w1, dtype=bool)  # True = pruned
         if nm is None:
             score = w1**2 / (d.reshape(1, -1) ** 2)
-            count = round(sparsity * score.size)
-            if count:
+            count = min(round(total * i2 / cols) - dropped, score.size)
+            dropped += count
+            if count > 0:
                 flat = np.argsort(score, axis=None, kind="stable")[:count]
                 mask1.reshape(-1)[flat] = True
         for i in range(i2 - i1):

@@ -334,3 +334,72 @@ def test_sparsegpt_pass_on_conv_keeps_two_four_along_channels() -> None:
     create_pass("prune", {"method": "sparsegpt", "nm": "2:4", "min_size": 0}).run(model, ctx)
     groups = np.moveaxis(_weight(model, "w"), 1, -1).reshape(-1, 4)
     assert np.all(np.count_nonzero(groups, axis=1) == 2)
+
+
+def test_allocation_search_keeps_global_count_and_lowers_calibration_error() -> None:
+    k = 24
+    x = (RNG.normal(size=(64, 6)) @ RNG.normal(size=(6, k)) + 0.1 * RNG.normal(size=(64, k))).astype(
+        np.float32
+    )
+    w1, w2 = RNG.normal(size=(k, 16)), RNG.normal(size=(16, 8))
+    ref = _run(_mlp(w1, w2), {"x": x})[0]
+    base = {"method": "wanda", "scope": "global", "sparsity": 0.7, "min_size": 0, "calibration_samples": 16}
+    errors, zeros = {}, {}
+    for rounds in (0, 2):
+        model = _mlp(w1, w2)
+        res = create_pass("prune", dict(base, allocation_search=rounds)).run(
+            model, PassContext(calibration=_calib(x))
+        )
+        zeros[rounds] = sum(int(np.count_nonzero(_weight(model, n) == 0)) for n in ("w1", "w2"))
+        # the pass scores on the calibration samples (all 64 rows, 8 batches of 8); so do we
+        errors[rounds] = float(np.mean((_run(model, {"x": x})[0] - ref) ** 2))
+        if rounds:
+            search = res.details["allocation_search"]
+            assert sum(search["chosen"]) == sum(search["start"]) == zeros[0]
+            assert search["trials"] > 1
+            assert [layer["zeros"] for layer in res.details["layers"]] == search["chosen"]
+            # the trials pruned clones: the result equals one direct run with the chosen counts
+            fresh = _mlp(w1, w2)
+            PrunePass(base)._run(fresh, PassContext(calibration=_calib(x)), search["chosen"])
+            for n in ("w1", "w2"):
+                np.testing.assert_array_equal(_weight(fresh, n), _weight(model, n))
+    assert zeros[2] == zeros[0] == round(0.7 * (k * 16 + 16 * 8))
+    assert errors[2] <= errors[0] + 1e-9
+    with pytest.raises(RecipeError, match="allocation_search"):
+        PrunePass({"allocation_search": 1})  # scope 'layer'
+
+
+def test_augment_shifts_multiplies_calibration_with_zero_filled_shifts() -> None:
+    from onnxcomp.passes.prune import _shift
+
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    right_down = _shift(x, 1, 1)
+    assert right_down[0, 0, 1:, 1:].tolist() == x[0, 0, :3, :3].tolist()
+    assert not right_down[0, 0, 0].any() and not right_down[0, 0, :, 0].any()
+    assert _shift(x, -1, 0)[0, 0, :3].tolist() == x[0, 0, 1:].tolist()
+    w = RNG.normal(size=(8, 2, 3, 3))
+    xs = RNG.normal(size=(5, 1, 2, 9, 9)).astype(np.float32)
+    counts = {}
+    for shifts in (0, 1):
+        model = _conv_model(w)
+        opts = {
+            "method": "wanda",
+            "sparsity": 0.5,
+            "min_size": 0,
+            "calibration_samples": 3,
+            "augment_shifts": shifts,
+        }
+        res = create_pass("prune", opts).run(model, PassContext(calibration=lambda: ({"x": v} for v in xs)))
+        counts[shifts] = res.details["calibration_samples"]
+        assert np.count_nonzero(_weight(model, "w") == 0) == round(0.5 * w.size)
+    assert counts == {0: 3, 1: 27}
+    with pytest.raises(RecipeError, match="augment_shifts"):
+        PrunePass({"augment_shifts": -1})
+
+
+def test_sparsegpt_drops_exact_count_across_uneven_blocks() -> None:
+    x = RNG.normal(size=(300, 25))
+    w = RNG.normal(size=(7, 25))
+    for s in (0.3, 0.8, 0.9):
+        _, keep = pn.sparsegpt(w, x.T @ x, sparsity=s, blocksize=4)  # 7 blocks of 4 columns, one of 1
+        assert np.count_nonzero(~keep) == round(s * w.size)
