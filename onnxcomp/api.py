@@ -242,10 +242,7 @@ def optimize(
             progress=progress,
         )
         with progress.task("running passes", total=len(passes)) as step:
-            records = []
-            for p in passes:
-                records += Pipeline([p]).run(ir_model, ctx)
-                step(1)
+            records = Pipeline(passes).run(ir_model, ctx, on_pass=lambda _record: step(1))
         lossless = _lossless(resolved)
         stage_dest = out_path if out_path is not None else workdir / "optimized.onnx"
         result_report: dict[str, Any] = {}

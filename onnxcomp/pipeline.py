@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,14 @@ class Pipeline:
     def __init__(self, passes: Sequence[Pass]) -> None:
         self.passes = list(passes)
 
-    def run(self, model: ir.Model, ctx: PassContext | None = None) -> list[PassRecord]:
+    def run(
+        self,
+        model: ir.Model,
+        ctx: PassContext | None = None,
+        *,
+        on_pass: Callable[[PassRecord], None] | None = None,
+    ) -> list[PassRecord]:
+        """Run every pass in order; ``on_pass`` is called with each pass's record as it finishes."""
         ctx = ctx or PassContext()
         records: list[PassRecord] = []
         for p in self.passes:
@@ -64,7 +71,10 @@ class Pipeline:
             seconds = time.perf_counter() - started
             after = model_stats(model)
             logger.info("pass %s: changed=%s in %.2fs", p.name, result.changed, seconds)
-            records.append(
-                PassRecord(p.name, p.config_dict(), result.changed, seconds, before, after, result.details)
+            record = PassRecord(
+                p.name, p.config_dict(), result.changed, seconds, before, after, result.details
             )
+            records.append(record)
+            if on_pass is not None:
+                on_pass(record)
         return records

@@ -203,18 +203,7 @@ def convert_fp16(
         )
         logger.warning("%s", details["warning"])
         return PassResult(False, details)
-    return PassResult(
-        True,
-        {
-            "mode": "fp16",
-            "converted_initializers": converted_init,
-            "retyped_values": retyped,
-            "casts_inserted": casts,
-            "kept_fp32_ops": sorted(keep),
-            "keep_io_types": keep_io_types,
-            "subgraphs_kept_fp32": sum(1 for n in graph if _has_subgraph(n)),
-        },
-    )
+    return PassResult(True, details)
 
 
 def _to_fp16(a: np.ndarray) -> np.ndarray:
