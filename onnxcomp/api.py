@@ -7,13 +7,14 @@ input is never modified.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,11 +283,25 @@ def optimize(
             else:
                 verification_dict = {"passed": None, "skipped": "verify.enabled = false"}
             output_size = staged.size_bytes()
+            if pack is not None or resolved.pack.get("enabled", bool(resolved.pack)):
+                # packed and checked against the staged model before anything is committed
+                check_feeds = list(itertools.islice(iter(holdout), 2)) if holdout is not None else None
+                artifact = _pack(
+                    ir_model,
+                    resolved,
+                    pack,
+                    out_path or input_path,
+                    progress,
+                    check=_artifact_check(staged.path, check_feeds),
+                )
             written: Path | None = None
             if out_path is not None:
-                written = staged.commit()
-            if pack is not None or resolved.pack.get("enabled", bool(resolved.pack)):
-                artifact = _pack(ir_model, resolved, pack, out_path or input_path, progress)
+                try:
+                    written = staged.commit()
+                except BaseException:
+                    if artifact is not None:
+                        artifact.unlink(missing_ok=True)
+                    raise
         result_report = {
             "onnxcomp_version": __version__,
             "input": {
@@ -347,7 +362,58 @@ def _check_target_output(target: Any, path: Path) -> list[dict[str, Any]] | None
     return [i.as_dict() for i in issues]
 
 
-def _pack(model: ir.Model, recipe: Recipe, pack: Any, base: Path, progress: Progress) -> Path:
+def _artifact_check(plain: Path, feeds: list[dict[str, Any]] | None) -> Callable[[Path], None]:
+    """A check for a freshly written artifact: it must load with :func:`onnxcomp.runtime.load_session`
+    and give the plain model's outputs (``|a - b| <= 1e-5·max(1, |a|max)``; the packing rewrites are
+    exact, so in practice they are bit-identical) on ``feeds`` (synthetic inputs when None)."""
+
+    def check(artifact: Path) -> None:
+        import numpy as np
+
+        from onnxcomp.runtime import load_session
+        from onnxcomp.verify import synthetic_samples
+
+        try:
+            packed = load_session(artifact)
+        except Exception as exc:
+            raise VerificationError(
+                f"the packed artifact does not load in ONNX Runtime ({type(exc).__name__}: {exc}); "
+                "nothing was written"
+            ) from exc
+        reference = load_session(plain)
+        for feed in feeds if feeds is not None else synthetic_samples(reference, 2, seed=0):
+            try:
+                expected = reference.run(None, feed)
+            except Exception:  # the model rejects synthetic inputs: loading was the check
+                return
+            got = packed.run(None, feed)
+            for meta, a, b in zip(reference.get_outputs(), expected, got, strict=True):
+                a, b = np.asarray(a), np.asarray(b)
+                if a.dtype.kind not in "fc":
+                    same = a.shape == b.shape and np.array_equal(a, b)
+                else:
+                    tol = 1e-5 * max(1.0, float(np.nanmax(np.abs(a))) if a.size else 1.0)
+                    same = a.shape == b.shape and bool(
+                        np.all((np.abs(a.astype(np.float64) - b) <= tol) | (np.isnan(a) & np.isnan(b)))
+                    )
+                if not same:
+                    raise VerificationError(
+                        f"the packed artifact's output {meta.name!r} differs from the written model's; "
+                        "nothing was written (pack with --set pack.simplify_qdq=false or pack.compact=false)"
+                    )
+
+    return check
+
+
+def _pack(
+    model: ir.Model,
+    recipe: Recipe,
+    pack: Any,
+    base: Path,
+    progress: Progress,
+    *,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
     from onnxcomp.config import from_mapping
     from onnxcomp.packing import PackConfig, pack_model
 
@@ -359,7 +425,7 @@ def _pack(model: ir.Model, recipe: Recipe, pack: Any, base: Path, progress: Prog
         dest = Path(config.path)
     else:
         dest = base.with_name(base.name.removesuffix(".onnx") + ".zip")
-    report = pack_model(model, dest, config=config, recipe=recipe.as_dict(), progress=progress)
+    report = pack_model(model, dest, config=config, recipe=recipe.as_dict(), progress=progress, check=check)
     return Path(getattr(report, "path", dest))
 
 

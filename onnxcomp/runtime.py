@@ -7,6 +7,11 @@ everything in memory, checks the sha256 of every member and of the rebuilt data 
 bytes to ONNX Runtime (``SessionOptions.add_external_initializers_from_files_in_memory``): nothing is
 written to disk. :func:`unpack` writes the plain ``.onnx`` (+ data file) back, atomically.
 
+Solid artifacts (the manifest's ``solid`` table) hold the files back to back in one or more members:
+they are read into one buffer (stored members straight from the file, deflated ones inflated by a
+thread pool: zlib and sha256 release the GIL) and cut into files without copies; sparse/shuffled
+regions are decoded in place right behind the dense data bytes.
+
 Every member is checked before a byte is decompressed: names must be relative and stay inside the
 output folder, symlinks, folders, duplicate names and unknown members are refused, each member's size
 must agree with the manifest, and the total decompressed size must stay under a limit (zip bombs).
@@ -29,6 +34,7 @@ import tempfile
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "SOLID_NAME",
     "ArtifactError",
     "UnpackedArtifact",
     "decode_region",
@@ -56,6 +63,10 @@ __all__ = [
 FORMAT_NAME = "onnxcomp-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: The zip member that holds every file back to back when the artifact is packed ``solid``.
+SOLID_NAME = "payload"
+#: Marks a file cut out of a verified solid member (its bytes are covered by that member's sha256).
+_IN_VERIFIED_MEMBER = "in-verified-member"
 #: Refuse artifacts whose members (plus the rebuilt data file) decompress to more than this.
 DEFAULT_MAX_UNPACKED_BYTES = 16 << 30
 _MAX_MANIFEST_BYTES = 64 << 20
@@ -75,7 +86,7 @@ class UnpackedArtifact:
     manifest: dict[str, Any]
     model_name: str
     model_bytes: bytes
-    files: dict[str, bytes | bytearray]
+    files: dict[str, bytes | bytearray | memoryview]
 
 
 def _max_bytes(limit: int | None) -> int:
@@ -168,23 +179,63 @@ def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
             raise ArtifactError(f"{where}: member {m.get('name')!r} has no valid size in the manifest")
         if not isinstance(m.get("sha256"), str) or len(m["sha256"]) != 64:
             raise ArtifactError(f"{where}: member {m.get('name')!r} has no sha256 in the manifest")
+    names = [m["name"] for m in members]
+    if manifest.get("solid") is not None:
+        names += _check_solid(manifest["solid"], {m["name"]: m for m in members}, where)
+    if len(names) != len(set(names)):
+        raise ArtifactError(f"{where}: the manifest lists a file twice; refusing the artifact")
     return manifest
+
+
+def _check_solid(solid: Any, members: dict[str, dict[str, Any]], where: str) -> list[str]:
+    """``solid``: zip members (in order) whose concatenation is the listed files (``parts``) back to
+    back; the part sizes must add up to the members' sizes. Returns the part names."""
+    if not isinstance(solid, dict):
+        raise ArtifactError(f"{where}: the manifest's solid table is malformed; the artifact is corrupt")
+    chunks, parts = solid.get("members"), solid.get("parts")
+    if (
+        not isinstance(chunks, list)
+        or not chunks
+        or not isinstance(parts, list)
+        or not parts
+        or not all(isinstance(p, dict) for p in parts)
+    ):
+        raise ArtifactError(f"{where}: the manifest's solid table is malformed; the artifact is corrupt")
+    if any(not isinstance(c, str) or c not in members for c in chunks) or len(set(chunks)) != len(chunks):
+        raise ArtifactError(f"{where}: the solid table names unknown or repeated members; refusing it")
+    total = 0
+    for part in parts:
+        check_member_name(part.get("name"), where)
+        size = part.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ArtifactError(f"{where}: part {part.get('name')!r} has no valid size in the manifest")
+        total += size
+    stored = sum(members[c]["size"] for c in chunks)
+    if total != stored:
+        raise ArtifactError(
+            f"{where}: the solid parts add up to {total} bytes, their members hold {stored}; refusing it"
+        )
+    return [p["name"] for p in parts]
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated manifest of an artifact (nothing else is decompressed)."""
     p = Path(path)
     with _open_zip(p) as zf:
-        infos = _check_infos(zf, str(p))
-        if MANIFEST_NAME not in infos:
-            raise ArtifactError(f"{p}: no {MANIFEST_NAME}; not an onnxcomp artifact")
-        if infos[MANIFEST_NAME].file_size > _MAX_MANIFEST_BYTES:
-            raise ArtifactError(f"{p}: {MANIFEST_NAME} is implausibly large; refusing the artifact")
-        try:
-            raw = zf.read(MANIFEST_NAME)
-        except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as exc:
-            raise ArtifactError(f"{p}: cannot read {MANIFEST_NAME} ({exc}); the artifact is corrupt") from exc
-        return _parse_manifest(raw, str(p))
+        return _manifest_of(zf, _check_infos(zf, str(p)), p)
+
+
+def _manifest_of(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], p: Path) -> dict[str, Any]:
+    """Read and validate the manifest of an open artifact whose members ``infos`` were checked."""
+    if MANIFEST_NAME not in infos:
+        raise ArtifactError(f"{p}: no {MANIFEST_NAME}; not an onnxcomp artifact")
+    if infos[MANIFEST_NAME].file_size > _MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{p}: {MANIFEST_NAME} is implausibly large; refusing the artifact")
+    try:
+        raw = zf.read(MANIFEST_NAME)
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as exc:
+        raise ArtifactError(f"{p}: cannot read {MANIFEST_NAME} ({exc}); the artifact is corrupt") from exc
+    return _parse_manifest(raw, str(p))
 
 
 def _zstd_decompress(payload: bytes, size: int, where: str) -> bytes:
@@ -211,9 +262,9 @@ def _zstd_decompress(payload: bytes, size: int, where: str) -> bytes:
         raise ArtifactError(f"{where}: corrupt zstd data ({exc})") from exc
 
 
-def _read_raw(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes | None:
-    """Stored/Deflate members decompressed in one bounded zlib call (no chunked CRC pass: the sha256
-    check that follows is stronger); None for other methods."""
+def _fetch(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes | None:
+    """The compressed bytes of a Stored/Deflate member (read straight from the file); None for other
+    methods, which go through ``zipfile``."""
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or zf.fp is None:
         return None
     fp = zf.fp
@@ -226,6 +277,12 @@ def _read_raw(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes | None:
     comp = fp.read(info.compress_size)
     if len(comp) != info.compress_size:
         raise zipfile.BadZipFile(f"{info.filename!r} is truncated")
+    return comp
+
+
+def _inflate(info: zipfile.ZipInfo, comp: bytes) -> bytes:
+    """Decompress in one bounded zlib call (no chunked CRC pass: the sha256 check that follows is
+    stronger). zlib releases the GIL, so members decode in parallel threads."""
     if info.compress_type == zipfile.ZIP_STORED:
         return comp
     inflater = zlib.decompressobj(-15)
@@ -235,18 +292,34 @@ def _read_raw(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes | None:
         raise zipfile.BadZipFile(f"{info.filename!r}: {exc}") from exc
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, entry: dict[str, Any], where: str) -> bytes:
+def _fetch_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes | Callable[[], bytes]:
+    """Read one member: its compressed bytes (for :func:`_decode_member`), or, for methods other than
+    Stored/Deflate, a callable returning the bytes ``zipfile`` decompressed here."""
+    try:
+        comp = _fetch(zf, info)
+        if comp is not None:
+            return comp
+        with zf.open(info) as fh:
+            data = fh.read(info.file_size + 1)
+        return lambda: data
+    except NotImplementedError as exc:
+        raise ArtifactError(
+            f"{where}: member {info.filename!r} uses a compression method this Python cannot read ({exc})"
+        ) from exc
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+        raise ArtifactError(
+            f"{where}: member {info.filename!r} is corrupt ({exc}); re-create the artifact"
+        ) from exc
+
+
+def _decode_member(
+    info: zipfile.ZipInfo, fetched: bytes | Callable[[], bytes], entry: dict[str, Any], where: str
+) -> bytes:
+    """Decompress one fetched member and check its size and sha256 against the manifest."""
     name = info.filename
     encoding = entry.get("encoding", "zip")
     try:
-        data = _read_raw(zf, info)
-        if data is None:
-            with zf.open(info) as fh:
-                data = fh.read(info.file_size + 1)
-    except NotImplementedError as exc:
-        raise ArtifactError(
-            f"{where}: member {name!r} uses a compression method this Python cannot read ({exc})"
-        ) from exc
+        data = fetched() if callable(fetched) else _inflate(info, fetched)
     except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
         raise ArtifactError(f"{where}: member {name!r} is corrupt ({exc}); re-create the artifact") from exc
     if len(data) != info.file_size:
@@ -262,6 +335,25 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, entry: dict[str, An
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ArtifactError(f"{where}: member {name!r} fails its sha256 check; the artifact is corrupt")
     return data
+
+
+#: Members at least this large (all together) are decoded by a thread pool.
+_PARALLEL_BYTES = 1 << 20
+
+
+def _decode_all(
+    fetched: dict[str, tuple[zipfile.ZipInfo, bytes | Callable[[], bytes], dict[str, Any]]], where: str
+) -> dict[str, bytes]:
+    """Decode every member, in parallel threads when there are several large ones."""
+    total = sum(e["size"] for _, _, e in fetched.values())
+    workers = min(len(fetched), os.cpu_count() or 1)
+    if workers < 2 or total < _PARALLEL_BYTES:
+        return {n: _decode_member(i, f, e, where) for n, (i, f, e) in fetched.items()}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {n: pool.submit(_decode_member, i, f, e, where) for n, (i, f, e) in fetched.items()}
+        return {n: fut.result() for n, fut in futures.items()}
 
 
 def _int(region: dict[str, Any], key: str, where: str) -> int:
@@ -373,12 +465,19 @@ def decode_region(
 
 
 def _rebuild_data(
-    spec: dict[str, Any], blobs: dict[str, bytes], digests: dict[str, str], where: str, *, verify: bool = True
-) -> tuple[str, bytes | bytearray]:
+    spec: dict[str, Any],
+    blobs: dict[str, bytes | memoryview],
+    digests: dict[str, str],
+    where: str,
+    *,
+    verify: bool = True,
+    dest: memoryview | None = None,
+) -> tuple[str, bytes | bytearray | memoryview]:
     """Rebuild the external data file: dense member bytes fill the gaps between decoded regions.
 
     ``digests`` are the already verified sha256 of the members (a data file equal to one member is not
-    hashed twice)."""
+    hashed twice). ``dest``: where to build the file (``size`` bytes), e.g. memory that already starts
+    with the dense bytes (then the gaps in front of the regions are not copied)."""
     file_name = spec.get("file")
     check_member_name(file_name, where)
     size = _int(spec, "size", where)
@@ -390,10 +489,15 @@ def _rebuild_data(
     if not regions:
         if len(dense) != size:
             raise ArtifactError(f"{where}: the data member is {len(dense)} bytes, the manifest says {size}")
-        out: bytes | bytearray = dense
+        out: bytes | bytearray | memoryview = dense
     else:
-        buf = bytearray(size)
+        buf: bytearray | memoryview = bytearray(size) if dest is None or len(dest) != size else dest
         view = np.frombuffer(buf, dtype=np.uint8)
+        dense_arr = np.frombuffer(dense, dtype=np.uint8)
+        in_place = (
+            dense_arr.size > 0
+            and view.__array_interface__["data"][0] == dense_arr.__array_interface__["data"][0]
+        )
         pos = 0  # position in the data file
         dpos = 0  # position in the dense member
         for region in sorted(regions, key=lambda r: r.get("offset", -1)):
@@ -404,7 +508,8 @@ def _rebuild_data(
                     f"{where}: data regions overlap or run past the file; the artifact is corrupt"
                 )
             gap = offset - pos
-            view[pos:offset] = np.frombuffer(dense, dtype=np.uint8, count=gap, offset=dpos) if gap else 0
+            if gap and not (in_place and pos == dpos):  # numpy handles overlapping copies
+                view[pos:offset] = dense_arr[dpos : dpos + gap]
             dpos += gap
             member = blobs.get(region.get("member", ""))
             start, nbytes = _int(region, "start", where), _int(region, "nbytes", where)
@@ -424,19 +529,111 @@ def _rebuild_data(
         tail = size - pos
         if dpos + tail != len(dense):
             raise ArtifactError(f"{where}: the dense data member has the wrong size; the artifact is corrupt")
-        if tail:
-            view[pos:] = np.frombuffer(dense, dtype=np.uint8, count=tail, offset=dpos)
+        if tail and not (in_place and pos == dpos):
+            view[pos:] = dense_arr[dpos : dpos + tail]
         out = buf
     digest = spec.get("sha256")
     if not isinstance(digest, str) or len(digest) != 64:
         raise ArtifactError(f"{where}: external_data has no sha256; the artifact is corrupt")
-    if (regions and verify) or (not regions and digests.get(dense_member or "") != digest):
+    dense_digest = digests.get(dense_member or "")
+    if (regions and verify) or (not regions and dense_digest not in (digest, _IN_VERIFIED_MEMBER)):
         verified = hashlib.sha256(out).hexdigest() == digest
     else:
         verified = True  # the file is the dense member, whose sha256 was just checked
     if not verified:
         raise ArtifactError(f"{where}: the rebuilt data file {file_name!r} fails its sha256 check")
     return file_name, out
+
+
+def _room_for_regions(solid: dict[str, Any], ext: Any) -> int:
+    """Bytes to allocate behind the solid files so the data file can be rebuilt in place: when the dense
+    data is the last part and is shorter than the data file, the decoded regions go right behind it."""
+    if not isinstance(ext, dict) or not ext.get("regions"):
+        return 0
+    last = solid["parts"][-1]
+    size = ext.get("size")
+    if last.get("name") != ext.get("dense_member") or not isinstance(size, int) or size < last["size"]:
+        return 0
+    offsets = [r.get("offset") for r in ext["regions"] if isinstance(r, dict)]
+    if not all(isinstance(o, int) and o >= last["size"] for o in offsets):
+        return 0  # regions between dense bytes: rebuilt in a separate buffer (no overlapping moves)
+    return size - last["size"]
+
+
+def _read_solid(
+    zf: zipfile.ZipFile,
+    infos: dict[str, zipfile.ZipInfo],
+    entries: dict[str, dict[str, Any]],
+    chunks: list[str],
+    extra: int,
+    where: str,
+) -> memoryview:
+    """The solid members back to back in one buffer (plus ``extra`` zero bytes behind them): Stored
+    members are read straight into place, the others inflated (in parallel threads) and copied in;
+    the size and sha256 of every member are checked."""
+    total = sum(entries[c]["size"] for c in chunks)
+    # np.empty: no zero-filling pass (every byte is written below or by the region decoder)
+    buf = memoryview(np.empty(total + extra, dtype=np.uint8)).cast("B")
+    jobs: list[tuple[zipfile.ZipInfo, bytes | Callable[[], bytes] | None, dict[str, Any], memoryview]] = []
+    pos = 0
+    for name in chunks:
+        info, entry = infos[name], entries[name]
+        target = buf[pos : pos + entry["size"]]
+        pos += entry["size"]
+        direct = (
+            info.compress_type == zipfile.ZIP_STORED
+            and entry.get("encoding", "zip") == "zip"
+            and info.file_size == entry["size"]
+            and zf.fp is not None
+        )
+        if direct:
+            try:
+                _fetch_into(zf, info, target)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ArtifactError(
+                    f"{where}: member {name!r} is corrupt ({exc}); re-create the artifact"
+                ) from exc
+            jobs.append((info, None, entry, target))
+        else:
+            jobs.append((info, _fetch_member(zf, info, where), entry, target))
+
+    def work(
+        job: tuple[zipfile.ZipInfo, bytes | Callable[[], bytes] | None, dict[str, Any], memoryview],
+    ) -> None:
+        info, fetched, entry, target = job
+        if fetched is None:
+            if hashlib.sha256(target).hexdigest() != entry["sha256"]:
+                raise ArtifactError(
+                    f"{where}: member {info.filename!r} fails its sha256 check; the artifact is corrupt"
+                )
+        else:
+            target[:] = _decode_member(info, fetched, entry, where)
+
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2 or total < _PARALLEL_BYTES:
+        for job in jobs:
+            work(job)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for fut in [pool.submit(work, job) for job in jobs]:
+                fut.result()
+    return buf
+
+
+def _fetch_into(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: memoryview) -> None:
+    """Read a Stored member's bytes straight into ``target``."""
+    assert zf.fp is not None
+    fp = zf.fp
+    fp.seek(info.header_offset)
+    header = fp.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    fp.seek(info.header_offset + 30 + name_len + extra_len)
+    if fp.readinto(target) != len(target):
+        raise zipfile.BadZipFile(f"{info.filename!r} is truncated")
 
 
 def read_artifact(
@@ -449,9 +646,9 @@ def read_artifact(
     p = Path(path)
     limit = _max_bytes(max_unpacked_bytes)
     where = str(p)
-    manifest = read_manifest(p)
     with _open_zip(p) as zf:
         infos = _check_infos(zf, where)
+        manifest = _manifest_of(zf, infos, p)
         entries = {m["name"]: m for m in manifest["members"]}
         if len(entries) != len(manifest["members"]):
             raise ArtifactError(f"{where}: the manifest lists a member twice; refusing the artifact")
@@ -481,16 +678,38 @@ def read_artifact(
                     f"{where}: member {name!r} is {info.file_size} bytes in the zip, the manifest says "
                     f"{expected}; refusing it"
                 )
-        blobs = {name: _read_member(zf, infos[name], entry, where) for name, entry in entries.items()}
+        solid = manifest.get("solid")
+        chunk_names = set(solid["members"]) if solid is not None else set()
+        fetched = {
+            name: (infos[name], _fetch_member(zf, infos[name], where), e)
+            for name, e in entries.items()
+            if name not in chunk_names
+        }
+        dest: memoryview | None = None
+        digests = {n: e["sha256"] for n, e in entries.items()}
+        whole: memoryview | None = None
+        if solid is not None:
+            extra = _room_for_regions(solid, ext)
+            whole = _read_solid(zf, infos, entries, solid["members"], extra, where)
+    blobs: dict[str, bytes | memoryview] = dict(_decode_all(fetched, where))
+    if solid is not None and whole is not None:  # cut the verified solid members into their files
+        pos = 0
+        for part in solid["parts"]:
+            blobs[part["name"]] = whole[pos : pos + part["size"]]
+            digests[part["name"]] = _IN_VERIFIED_MEMBER
+            last = (pos, part)
+            pos += part["size"]
+        start, part = last
+        if ext is not None and part["name"] == ext.get("dense_member") and len(whole) > pos:
+            dest = whole[start : start + _int(ext, "size", where)]
     model_name = manifest.get("model")
     if model_name not in blobs:
         raise ArtifactError(f"{where}: the manifest names no model member; the artifact is corrupt")
-    files: dict[str, bytes | bytearray] = {}
+    files: dict[str, bytes | bytearray | memoryview] = {}
     if ext is not None:
-        digests = {n: e["sha256"] for n, e in entries.items()}
-        file_name, data = _rebuild_data(ext, blobs, digests, where, verify=verify_data)
+        file_name, data = _rebuild_data(ext, blobs, digests, where, verify=verify_data, dest=dest)
         files[file_name] = data
-    return UnpackedArtifact(manifest, model_name, blobs[model_name], files)
+    return UnpackedArtifact(manifest, model_name, bytes(blobs[model_name]), files)
 
 
 def _session_options(sess_options: ort.SessionOptions | None, options: dict[str, Any]) -> ort.SessionOptions:

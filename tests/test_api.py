@@ -193,3 +193,34 @@ def test_image_calibration_needs_an_explicit_spec(tmp_path: Path, repo_root: Pat
         },
     )
     assert ok.report["verification"]["data_source"] == "held-out calibration samples"
+
+
+def test_pack_is_checked_against_the_written_model(tiny_model_path: Path, tmp_path: Path) -> None:
+    from onnxcomp.runtime import load_session
+
+    out, artifact = tmp_path / "t.onnx", tmp_path / "t.zip"
+    result = onnxcomp.optimize(tiny_model_path, output=out, pack=artifact)
+    assert out.exists() and artifact.exists()
+    assert result.report["artifact"]["size_bytes"] == artifact.stat().st_size
+    x = np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)
+    got = load_session(artifact).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, _run(out, x))
+
+
+def test_a_packed_artifact_that_differs_writes_nothing(
+    tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxcomp.packing as packing
+
+    real = packing.compact_model
+
+    def corrupting(model: ir.Model, **kw: object) -> dict[str, str]:
+        first = next(iter(model.graph.initializers.values()))
+        first.const_value = ir.tensor(first.const_value.numpy() + 1.0, name=first.name)
+        return real(model, **kw)
+
+    monkeypatch.setattr(packing, "compact_model", corrupting)
+    out, artifact = tmp_path / "t.onnx", tmp_path / "t.zip"
+    with pytest.raises(VerificationError, match=r"packed artifact's output 'y' differs.*nothing was written"):
+        onnxcomp.optimize(tiny_model_path, output=out, pack=artifact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]

@@ -128,9 +128,12 @@ def test_round_trip_is_bit_exact_and_every_weight_is_narrowed(tmp_path: Path) ->
     proto = onnx.load(str(out))
     init = {i.name: i for i in proto.graph.initializer}
     assert "QuantizeLinear" not in [n.op_type for n in proto.graph.node]
-    assert init["Wq_q"].data_type == onnx.TensorProto.INT8
-    assert init["Wc_q"].data_type == onnx.TensorProto.INT4
-    assert "Wqq" not in init
+    assert init[report.names["Wq_q"]].data_type == onnx.TensorProto.INT8
+    assert init[report.names["Wc_q"]].data_type == onnx.TensorProto.INT4
+    assert "Wqq" not in report.names and "Wqq" not in init
+    # model inputs/outputs keep their names, everything else is renamed short; no doc strings left
+    assert [i.name for i in proto.graph.input] == ["x"] and [o.name for o in proto.graph.output] == ["y", "z"]
+    assert all(len(name) <= 2 for name in init) and not proto.graph.value_info
     _assert_same(_session(model).run(None, feeds), _session(out).run(None, feeds))
     # the caller's model is untouched
     assert model.graph.initializers["Wq"].const_value.dtype == ir.DataType.FLOAT
@@ -325,7 +328,8 @@ def test_pack_from_path_with_external_data(tmp_path: Path) -> None:
     ir.save(model, src, external_data="model.onnx.data", size_threshold_bytes=0)
     art = tmp_path / "a.zip"
     report = pack_model(src, art)
-    assert report.members[0]["name"] == "model.onnx"
+    assert report.members[0]["name"] == "payload"
+    assert report.parts[0]["name"] == "model.onnx"
     feeds = _x()
     level = "ORT_DISABLE_ALL"
     _assert_same(_session(src, level).run(None, feeds), _packed(art, level).run(None, feeds))
@@ -403,8 +407,129 @@ def test_cli_pack_and_unpack(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["artifact_bytes"] == (tmp_path / "m.zip").stat().st_size
+    res = runner.invoke(app, ["pack", str(src), "-o", str(tmp_path / "k.zip"), "--keep-names"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app, ["pack", str(src), "-o", str(tmp_path / "s.zip"), "--names-map", str(tmp_path / "map.json")]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "map.json").read_text())["Wq_q"] != "Wq_q"
     res = runner.invoke(app, ["unpack", str(tmp_path / "m.zip"), "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "out" / "m.onnx").is_file() and (tmp_path / "out" / "m.onnx.data").is_file()
     res = runner.invoke(app, ["pack", str(src), "-o", str(tmp_path / "x.zip"), "--codec", "gzip"])
     assert res.exit_code != 0 and isinstance(res.exception, RecipeError)
+
+
+def _qdq_conv_model() -> ir.Model:
+    """Two Conv layers quantized by the onnxcomp static-int8 pass (QDQ, per-channel int8, int32 bias)."""
+    from onnxcomp.pass_base import PassContext, create_pass
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2
+    model = ir.from_onnx_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,3,16,16] x) => (float[1,16,12,12] y)
+        <float[8,3,3,3] W1, float[8] B1, float[16,8,3,3] W2, float[16] B2>
+        { h = Conv(x, W1, B1) \n r = Relu(h) \n y = Conv(r, W2, B2) }""",
+        initializers=[
+            ir.tensor(w1, name="W1"),
+            ir.tensor(rng.standard_normal(8).astype(np.float32), name="B1"),
+            ir.tensor(w2, name="W2"),
+            ir.tensor(rng.standard_normal(16).astype(np.float32), name="B2"),
+        ],
+    )
+    samples = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    create_pass("quantize", {"mode": "static-int8"}).run(model, PassContext(calibration=lambda: samples))
+    return model
+
+
+def test_qdq_rewrites_and_compaction_keep_outputs_bit_identical(tmp_path: Path) -> None:
+    from onnxcomp.packing import simplify_qdq
+
+    model = _qdq_conv_model()
+    art = tmp_path / "q.zip"
+    report = pack_model(model, art)
+    assert report.rewrites["zero_points_dropped"] >= 2
+    assert report.rewrites["bias_scales_derived"] == 2  # s_b == float32(s_x * s_w) for both layers
+    assert report.rewrites["int32_codes_narrowed"] >= 1
+    plain = pack_model(
+        model, tmp_path / "plain.zip", config=PackConfig(compact=False, simplify_qdq=False, solid=False)
+    )
+    assert report.artifact_bytes < plain.artifact_bytes
+    feeds = {"x": RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
+        _assert_same(_session(model, level).run(None, feeds), _packed(art, level).run(None, feeds))
+    # the graph that was packed: no all-zero weight zero points, a Mul for each bias scale
+    unpacked = onnx.load(str(unpack(art, tmp_path / "u")))
+    dq = [n for n in unpacked.graph.node if n.op_type == "DequantizeLinear"]
+    assert any(len(n.input) == 2 for n in dq)
+    assert sum(n.op_type == "Mul" for n in unpacked.graph.node) == 2
+    assert all(not n.name and not n.doc_string for n in unpacked.graph.node)
+    assert [i.name for i in unpacked.graph.input] == ["x"] and [o.name for o in unpacked.graph.output] == [
+        "y"
+    ]
+    # idempotent and a no-op on a model without QDQ weights
+    again = model.clone()
+    simplify_qdq(again)
+    assert simplify_qdq(again) == {
+        "zero_points_dropped": 0,
+        "bias_scales_derived": 0,
+        "int32_codes_narrowed": 0,
+    }
+
+
+def test_value_info_that_inference_reproduces_is_dropped() -> None:
+    from onnxcomp.packing import _drop_inferable_value_info
+
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2,4] x) => (float[2,4] y)
+        <float[2,4] h, float[N,4] r>
+        { h = Relu(x) \n r = Sigmoid(h) \n y = Abs(r) }"""
+    )
+    assert _drop_inferable_value_info(proto) == 1  # h: inferred as float[2,4]; r's named dim N stays
+    assert [vi.name for vi in proto.graph.value_info] == ["r"]
+
+
+def test_solid_chunks_stored_members_and_parallel_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxcomp.packing as packing
+    import onnxcomp.runtime as runtime
+
+    rng = np.random.default_rng(5)
+    noise = rng.integers(-128, 128, size=(512, 512)).astype(np.int8)  # incompressible codes: stored
+    smooth = np.repeat(np.arange(256, dtype=np.float32), 1024).reshape(512, 512)  # compressible
+    model = ir.from_onnx_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,512] x) => (float[1,512] y)
+        <int8[512,512] N, float[512,512] S>
+        { n = Cast<to=1>(N) \n a = MatMul(x, n) \n b = MatMul(x, S) \n y = Add(a, b) }""",
+        initializers=[ir.tensor(noise, name="N"), ir.tensor(smooth, name="S")],
+    )
+    monkeypatch.setattr(packing, "_LOW_GAIN_MIN_BYTES", 1 << 16)
+    cfg = PackConfig(solid_chunk_bytes=1 << 16)
+    report = pack_model(model, tmp_path / "c.zip", config=cfg)
+    methods = [m["method"] for m in report.members]
+    assert len(report.members) >= 4 and "stored" in methods and "deflate" in methods
+    assert sum(m["size"] for m in report.members) == sum(p["size"] for p in report.parts)
+    feeds = {"x": rng.standard_normal((1, 512)).astype(np.float32)}
+    want = _session(model).run(None, feeds)
+    for parallel in (0, 1 << 60):  # thread pool and serial decoding
+        monkeypatch.setattr(runtime, "_PARALLEL_BYTES", parallel)
+        _assert_same(want, _packed(tmp_path / "c.zip").run(None, feeds))
+        art = read_artifact(tmp_path / "c.zip")
+        assert sum(len(d) for d in art.files.values()) == sum(p["size"] for p in report.parts[1:])
+
+
+def test_regions_are_rebuilt_in_place_behind_the_dense_bytes(tmp_path: Path) -> None:
+    model = _mixed_model()
+    report = pack_model(model, tmp_path / "r.zip", sparse="bitmask")
+    assert [p["role"] for p in report.parts] == ["model", "data-regions", "data-dense"]
+    art = read_artifact(tmp_path / "r.zip")  # checks the sha256 of the rebuilt data file
+    (data,) = art.files.values()
+    assert isinstance(data, memoryview)  # built inside the solid buffer, not copied
+    feeds = _x()
+    _assert_same(_session(model).run(None, feeds), _packed(tmp_path / "r.zip").run(None, feeds))

@@ -118,7 +118,40 @@ def test_size_disagreeing_with_manifest_is_refused(artifact: Path, tmp_path: Pat
     def shrink(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
         manifest["members"][0]["size"] -= 1
 
-    _refused(_mutate(artifact, tmp_path / "bad.zip", shrink), "manifest says")
+    _refused(_mutate(artifact, tmp_path / "bad.zip", shrink), "manifest says|add up to")
+
+    def shrink_both(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
+        manifest["members"][0]["size"] -= 1
+        manifest["solid"]["parts"][-1]["size"] -= 1
+
+    _refused(_mutate(artifact, tmp_path / "bad2.zip", shrink_both), "manifest says")
+
+
+@pytest.mark.parametrize("name", ["../evil.onnx", "/abs", "a/./b"])
+def test_solid_part_names_escaping_the_folder_are_refused(artifact: Path, tmp_path: Path, name: str) -> None:
+    def rename(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
+        assert manifest["solid"]["members"] == ["payload"]
+        manifest["solid"]["parts"][0]["name"] = name
+
+    _refused(_mutate(artifact, tmp_path / "bad.zip", rename), "refusing|folder")
+
+
+def test_solid_parts_must_be_unique_and_add_up(artifact: Path, tmp_path: Path) -> None:
+    def dup(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
+        parts = manifest["solid"]["parts"]
+        parts[1]["name"] = parts[0]["name"]
+
+    _refused(_mutate(artifact, tmp_path / "dup.zip", dup), "twice")
+
+    def grow(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
+        manifest["solid"]["parts"][0]["size"] += 5
+
+    _refused(_mutate(artifact, tmp_path / "grow.zip", grow), "add up to")
+
+    def unknown(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
+        manifest["solid"]["members"] = ["payload", "payload"]
+
+    _refused(_mutate(artifact, tmp_path / "unknown.zip", unknown), "unknown or repeated")
 
 
 def test_zip_bomb_is_refused_before_decompressing(tmp_path: Path) -> None:

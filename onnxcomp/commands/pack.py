@@ -36,6 +36,17 @@ def pack(
     no_narrow: Annotated[
         bool, typer.Option("--no-narrow", help="Keep weights as they are (no int/fp16 narrowing).")
     ] = False,
+    keep_names: Annotated[
+        bool,
+        typer.Option(
+            "--keep-names",
+            help="Keep every value's name (default: short names, except model inputs/outputs).",
+        ),
+    ] = False,
+    names_map: Annotated[
+        Path | None,
+        typer.Option("--names-map", help="Write the JSON map original name -> name in the artifact here."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the JSON report instead of a table.")
     ] = False,
@@ -48,13 +59,22 @@ def pack(
 
     config = from_mapping(
         PackConfig,
-        {"codec": codec, "level": level, "sparse": sparse, "nibble": nibble, "narrow": not no_narrow},
+        {
+            "codec": codec,
+            "level": level,
+            "sparse": sparse,
+            "nibble": nibble,
+            "narrow": not no_narrow,
+            "rename": not keep_names,
+        },
         where="pack",
     )
     if output.resolve() == model.resolve():
         raise OutputError(f"{output}: refusing to overwrite the input model; choose another -o path")
     check_output_path(output, inputs=(model,))
     report = pack_model(model, output, config=config)
+    if names_map is not None:
+        names_map.write_text(json.dumps(report.names, indent=1))
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:
