@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--model", choices=["mnist", "open-nsfw"], action="append")
     ap.add_argument("--ort-mem-gb", type=float, default=6.0, help="address-space cap of each ORT run")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per side-by-side cell (median)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/calibration.json)"
+    )
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -299,7 +302,8 @@ def main() -> None:
         "note": "ranges compared tensor by tensor: |ours - ORT| / max|ORT| (minmax must agree; entropy/percentile "
         "algorithms differ: ORT entropy uses 128 bins, ORT percentile is symmetric)",
     }
-    path = RESULTS / "calibration.json"
+    path = args.out or RESULTS / "calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():  # keep the rows of models not run this time
         try:
             old = json.loads(path.read_text())

@@ -1,12 +1,15 @@
 """Quantization benchmark: onnxcomp's quantize modes against ONNX Runtime's quantizer, side by side.
 
 Models (../shared/zoo and PyPI): mnist, squeezenet1.1 (converted to fp32), paraphrase-MiniLM-L3, open-nsfw.
-Each quantizer runs in its own subprocess (wall time and peak RSS = ru_maxrss of that process); every
+Each quantizer runs in its own subprocess (wall time = load + quantize + save after imports; RSS = VmHWM,
+and its rise over VmRSS after imports), ``--repeats`` times interleaved (medians); every
 model is then timed in this process, variants interleaved round by round (ORT CPU, 2 threads):
 latency at batch 1 (median of >= 50 runs) and throughput at batch 8.
 
     python benchmarks/bench_quantize.py                # all models (a few minutes)
     python benchmarks/bench_quantize.py --model mnist  # one model
+    python benchmarks/bench_quantize.py --model minilm --variants ort-dynamic,oc-dynamic --repeats 5 \
+        --out /tmp/partial.json                         # a partial run, medians of 5 fresh processes
 
 Prints a markdown table and writes benchmarks/results/quantize.json.
 """
@@ -335,9 +338,10 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
     import onnxcomp.passes.fp16
     import onnxcomp.passes.quantize_static  # noqa: F401
     from onnxcomp.model_io import load_model, save_model
-    from onnxcomp.pass_base import PassContext, create_pass
+    from onnxcomp.pass_base import PassContext, available_passes, create_pass
     from onnxcomp.passes.quantize import host_reduce_range
 
+    available_passes()  # pass discovery imports every passes/ module: an import cost, off the clock too
     calib = _load_calib(calib_path)
     rr = host_reduce_range()
     base_rss = _vm("VmRSS")
@@ -489,19 +493,47 @@ def _time(sess: Any, feed: dict[str, np.ndarray], runs: int) -> list[float]:
     return ts
 
 
-def bench_model(name: str, work: Path, variants: list[str] | None = None) -> list[dict[str, Any]]:
+def _quantize_rounds(
+    variants: list[str], src: Path, work: Path, name: str, calib_path: Path, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Each variant quantized ``repeats`` times in fresh processes, variants interleaved round by round;
+    the medians of wall time and RSS (every run kept under ``runs``)."""
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            if runs[v] and "error" in runs[v][-1]:
+                continue
+            dst = work / f"{name}_{v}.onnx"
+            dst.unlink(missing_ok=True)  # every run writes a fresh file (overwriting costs an unlink)
+            runs[v].append(run_worker(v, src, dst, calib_path))
+    out: dict[str, dict[str, Any]] = {}
+    for v, rs in runs.items():
+        if "error" in rs[-1]:
+            out[v] = rs[-1]
+            continue
+        out[v] = {k: float(np.median([r[k] for r in rs])) for k in ("seconds", "peak_rss_mb", "delta_rss_mb")}
+        if len(rs) > 1:
+            out[v]["runs"] = rs
+    return out
+
+
+def bench_model(
+    name: str, work: Path, variants: list[str] | None = None, repeats: int = 1
+) -> list[dict[str, Any]]:
     d = prepare(name, work)
     calib_path = work / f"{name}_calib.npz"
     _save_calib(d["calib"], calib_path)
     rows: list[dict[str, Any]] = []
     paths: dict[str, Path] = {}
+    todo = [v for v in variants or VARIANTS[name] if v != "fp32"]
+    quant = _quantize_rounds(todo, d["path"], work, name, calib_path, repeats)
     for v in variants or VARIANTS[name]:
         row: dict[str, Any] = {"model": name, "variant": v}
         if v == "fp32":
             paths[v] = d["path"]
         else:
             dst = work / f"{name}_{v}.onnx"
-            row.update(run_worker(v, d["path"], dst, calib_path))
+            row.update(quant[v])
             if "error" in row:
                 print(f"  {name}/{v}: {row['error']}", file=sys.stderr)
                 rows.append(row)
@@ -569,6 +601,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["all", *VARIANTS], default="all")
     ap.add_argument("--variants", default="", help="comma-separated subset of variants (fp32 always runs)")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="fresh-process quantization runs per variant (medians)"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/quantize.json; use another path for partial runs)",
+    )
     ap.add_argument("--worker", nargs=4, metavar=("VARIANT", "SRC", "DST", "CALIB"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -584,11 +625,12 @@ def main() -> None:
             if a.variants:
                 subset = ["fp32"] + [v for v in a.variants.split(",") if v in VARIANTS[m] and v != "fp32"]
             print(f"[{m}]", file=sys.stderr)
-            rows += bench_model(m, Path(tmp), subset)
+            rows += bench_model(m, Path(tmp), subset, a.repeats)
     table = _fmt(rows)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "quantize.json"
+    out = a.out or RESULTS / "quantize.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(out.read_text()) if out.exists() and a.model != "all" else {}
     payload = {
         "host": {"machine": platform.machine(), "threads": THREADS, "reduce_range": None},

@@ -39,10 +39,12 @@ def tensor_names(model: ir.Model) -> set[str]:
 
 
 def calibration_session_options(*, threads: int | None = None) -> ort.SessionOptions:
-    """Session options for collection: full graph optimization (requested outputs are kept), no
-    spin-waiting of ORT's threads (it would steal the cores the observers run on between samples),
-    priority-based execution order."""
-    options = session_options(threads=threads, optimization="all")
+    """Session options for collection: graph optimization up to "extended" (fusions; requested outputs
+    are kept) but not "all", whose NCHWc layout rewrite of convolutions adds a reorder copy for every
+    tensor the statistics read (measured: ResNet-50 calibration peak +109 MB -> +50 MB, SqueezeNet +80 ->
+    +22 MB, and faster); no spin-waiting of ORT's threads (it would steal the cores the observers run
+    on between samples); priority-based execution order."""
+    options = session_options(threads=threads, optimization="extended")
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # runs statistics nodes as soon as their input exists (the default order may defer them to the end
     # and keep every intermediate alive: 2x the peak memory on a ResNet-50)
@@ -262,6 +264,13 @@ def _collect_minmax_in_graph(
     feedable = {i.name for i in session.get_inputs()} if session is not None else set()
     redo: set[str] = set()
     seen = 0
+    # the per-tensor reductions of every sample, folded in with array operations (same results as
+    # ``min(obs.min, lo)`` / ``max(obs.max, hi)`` sample by sample)
+    out_names = list(outputs)
+    mins = np.array([observers[n].min for n in out_names], dtype=np.float64)
+    maxs = np.array([observers[n].max for n in out_names], dtype=np.float64)
+    counts = np.zeros(len(out_names), dtype=np.int64)
+    bad = np.zeros(len(out_names), dtype=bool)
     with progress.task(f"calibrating {len(names)} tensors (minmax)", total=_length(samples)) as step:
         for index, sample in enumerate(samples):
             for name in from_sample:
@@ -282,18 +291,24 @@ def _collect_minmax_in_graph(
                     raise CalibrationError(
                         f"ONNX Runtime failed on calibration sample {index}: {first}"
                     ) from exc
-                for k, name in enumerate(outputs):
-                    lo, hi, size = float(result[3 * k]), float(result[3 * k + 1]), int(result[3 * k + 2])
-                    if size == 0:
-                        continue
-                    if not (np.isfinite(lo) and np.isfinite(hi)):
-                        redo.add(name)
-                        continue
-                    obs = observers[name]
-                    obs.min, obs.max = min(obs.min, lo), max(obs.max, hi)
-                    obs.count += size
+                lo = np.array(result[0::3], dtype=np.float64)
+                hi = np.array(result[1::3], dtype=np.float64)
+                size = np.array(result[2::3], dtype=np.int64)
+                del result
+                finite = np.isfinite(lo) & np.isfinite(hi)
+                use = (size > 0) & finite
+                bad |= (size > 0) & ~finite
+                mins = np.where(use & (lo < mins), lo, mins)
+                maxs = np.where(use & (hi > maxs), hi, maxs)
+                counts += np.where(use, size, 0)
             seen += 1
             step(1)
+    for k, name in enumerate(out_names):
+        obs = observers[name]
+        obs.min, obs.max = float(mins[k]), float(maxs[k])
+        obs.count += int(counts[k])
+        if bad[k]:
+            redo.add(name)
     if seen == 0:
         raise CalibrationError("the calibration data yielded no samples")
     if redo:

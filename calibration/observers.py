@@ -223,6 +223,8 @@ class SymmetricHistogram:
             t = buf[: chunk.size]
             np.multiply(chunk, inv_w, out=t)
             np.floor(t, out=t)
+            # a negative value so small that x / w underflows to -0 belongs to bin N/2 - 1, not N/2
+            t[(t == 0) & (chunk < 0)] = -1
             t += half
             idx = t.astype(np.intp)
             if idx.size < self.bins // 8:

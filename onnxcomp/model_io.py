@@ -1,6 +1,9 @@
 """Model I/O on onnx-ir: validated loading (external data memory-mapped), atomic saving.
 
-Loading never copies weights: external data stays memory-mapped until a pass replaces a tensor.
+Loading never copies weights: external data stays memory-mapped until a pass replaces a tensor, and
+so do the inline weights of binary models of 2 MB and more (:mod:`onnxcomp.proto_stream` parses only
+the graph and maps the tensor bytes in place); such models are also saved by streaming each weight
+straight from its buffer (untouched ones file-to-file), with no protobuf copy of the weights.
 Saving goes to a temporary folder beside the destination and is renamed into place only when the
 caller commits, so a failed run leaves nothing behind and the input is never touched.
 """
@@ -21,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcomp.errors import ModelLoadError, OutputError
+from onnxcomp.proto_stream import FileSpanTensor, load_mmap, write_model
 
 __all__ = [
     "MIN_OPSET",
@@ -42,6 +46,10 @@ MIN_OPSET = 7
 DEFAULT_EXTERNAL_DATA_OVER = 1 << 30
 #: With external data, tensors at least this large go to the data file.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
+#: Binary models at least this large load with memory-mapped weights (:mod:`onnxcomp.proto_stream`).
+MMAP_LOAD_MIN_BYTES = 2 << 20
+#: Models with at least this many bytes of weights are saved by streaming them (no protobuf copies).
+STREAM_SAVE_MIN_BYTES = 1 << 20
 _TEXT_FORMATS = {".textproto": "textproto", ".json": "json", ".onnxtxt": "onnxtxt"}
 
 
@@ -138,7 +146,14 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         raise ModelLoadError(f"{model_path}: the file is empty; re-export or re-download the model")
     fmt = _TEXT_FORMATS.get(model_path.suffix.lower(), "protobuf")
     try:
-        model = ir.load(model_path, format=fmt)
+        model = None
+        if fmt == "protobuf" and model_path.stat().st_size >= MMAP_LOAD_MIN_BYTES:
+            try:  # weights memory-mapped, no protobuf copy; anything unusual takes ir.load's path
+                model = load_mmap(model_path)
+            except Exception:
+                model = None
+        if model is None:
+            model = ir.load(model_path, format=fmt)
     except Exception as exc:
         raise ModelLoadError(
             f"{model_path}: not a readable ONNX model ({type(exc).__name__}); the file is truncated, "
@@ -238,6 +253,9 @@ def _save_into(model: ir.Model, path: Path, external: str | None) -> None:
     try:
         if external:
             ir.save(model, path, external_data=external, size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+        elif path.suffix.lower() not in _TEXT_FORMATS and _weight_bytes(model) >= STREAM_SAVE_MIN_BYTES:
+            # weights written straight from their buffers (external data included): no proto copies
+            write_model(model, path)
         else:
             if next(external_tensors(model), None) is not None:
                 # a single-file output must not keep pointing at the input's data file
@@ -312,7 +330,7 @@ def check_no_nan_weights(model: ir.Model, *, source: str = "model") -> None:
                 continue
             count = int(np.count_nonzero(np.isnan(array.astype(np.float32, copy=False))))
             del array
-            if isinstance(tensor, ir.ExternalTensor):
+            if isinstance(tensor, ir.ExternalTensor | FileSpanTensor):
                 tensor.release()  # drop the mapping: checking must not keep gigabytes resident
             if count:
                 raise ModelLoadError(

@@ -315,9 +315,15 @@ def bias_correction(w: np.ndarray, w_hat: np.ndarray, mean_x: np.ndarray) -> np.
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio ``10·log10(Σ ref² / Σ (ref - approx)²)`` in dB (inf if equal)."""
-    ref = reference.astype(np.float64)
-    noise = float(np.sum((ref - approx.astype(np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
+    ref = np.ravel(reference)
+    app = np.ravel(np.broadcast_to(approx, np.shape(reference)))
+    noise = signal = 0.0
+    step = 1 << 16  # float64 in cache-sized chunks: no full-size float64 temporaries
+    for i in range(0, ref.size, step):
+        r = ref[i : i + step].astype(np.float64)
+        d = r - app[i : i + step].astype(np.float64)
+        noise += float(np.sum(np.square(d, out=d)))  # no BLAS: its threads spin on a busy machine
+        signal += float(np.sum(np.square(r, out=r)))
     if noise == 0.0:
         return math.inf
     if signal == 0.0:

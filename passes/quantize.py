@@ -105,6 +105,10 @@ class QuantizeConfig:
     exclude_nodes: tuple[str, ...] = ()
     #: layers whose isolated output SQNR (dB, on calibration data) is below this stay float; None = off.
     fallback_sqnr_db: float | None = None
+    #: static-int8 speed guard: time the QDQ model against the float one on ONNX Runtime CPU (paired,
+    #: interleaved medians) and put layers whose integer kernels lose time back to float until
+    #: ``float_time / int8_time >= min_speedup`` (all of them if need be); None = off.
+    min_speedup: float | None = None
     #: cap on calibration samples used by statistics / GPTQ (None = all).
     max_samples: int | None = None
     #: samples concatenated per ONNX Runtime run when every input has a symbolic batch dimension
@@ -121,6 +125,9 @@ class QuantizeConfig:
     #: weight-only / dynamic: also store Gather embedding tables as int8 with one scale per row
     #: (``Gather(E, i) -> Gather(E_q, i) · Gather(s, i)``; only the gathered rows are dequantized).
     quantize_embeddings: bool = False
+    #: also store LSTM/GRU/RNN weights and Conv/MatMul/Gemm weights inside If/Loop/Scan bodies as
+    #: int8 codes (weight-only, per channel, ``s_c = max|W_c| / 127``); activations there stay float.
+    remaining_weights: bool = True
     #: weights with fewer elements stay float (tiny tensors gain nothing).
     min_weight_elements: int = 16
 
@@ -145,6 +152,8 @@ class QuantizeConfig:
             raise ValueError(f"calibration_batch must be >= 1, got {self.calibration_batch}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.min_speedup is not None and not 0.0 < self.min_speedup <= 10.0:
+            raise ValueError(f"min_speedup must be in (0, 10], got {self.min_speedup}")
 
 
 # --------------------------------------------------------------------------------------------- target
@@ -239,10 +248,11 @@ def _ensure_opset(model: ir.Model, minimum: int) -> int | None:
     plain initializers first."""
     _drop_initializer_inputs(model)
     _infer_types(model)
-    _canonicalize(model)
+    changed = _canonicalize(model)
     old = _opset(model)
     if old >= minimum:
-        _infer_types(model)
+        if changed:  # rewritten values need their types again (nothing else changed them)
+            _infer_types(model)
         return None
     proto = ir.to_proto(model)
     # intermediate types are re-inferred: the converter does not retype them (e.g. Dropout's mask
@@ -265,13 +275,53 @@ def _ensure_opset(model: ir.Model, minimum: int) -> int | None:
 
 
 def _infer_types(model: ir.Model) -> None:
-    """ONNX shape/type inference in place (values without a type are treated as unknown)."""
+    """ONNX shape/type inference in place (values without a type are treated as unknown); skipped
+    when every value of the main graph already has a type and a shape (a round trip through ONNX's
+    inference costs a full (de)serialization of the graph)."""
     from onnx_ir.passes.common import ShapeInferencePass
 
+    graph = model.graph
+    nested = any(
+        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for n in graph
+        for a in n.attributes.values()
+    )
+    if not nested and all(v.type is not None and v.shape is not None for n in graph for v in n.outputs):
+        return
     try:
-        ShapeInferencePass()(model)
+        if nested:
+            ShapeInferencePass()(model)
+        else:
+            _infer_main_graph(model)
     except Exception as exc:  # inference is best effort; untyped values are then skipped
         logger.warning("shape inference failed: %s", exc)
+
+
+def _infer_main_graph(model: ir.Model) -> None:
+    """``ShapeInferencePass`` for a model without subgraphs, merging the inferred types and shapes by
+    name from the proto's value infos (instead of deserializing the whole inferred model)."""
+    from onnx_ir.passes.common import _c_api_utils
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+
+    inferred = _c_api_utils.call_onnx_api(infer, model).graph
+    types = {
+        vi.name: vi.type for part in (inferred.input, inferred.output, inferred.value_info) for vi in part
+    }
+    graph = model.graph
+    values = [*graph.inputs, *(v for n in graph for v in n.outputs)]
+    for value in values:
+        tp = types.get(value.name)
+        if tp is None:
+            continue
+        shape = ir.serde.deserialize_type_proto_for_shape(tp)
+        typ = ir.serde.deserialize_type_proto_for_type(tp)
+        dtype = typ.dtype if typ is not None else None
+        if value.shape != shape and shape is not None:
+            value.shape = shape
+        if value.dtype != dtype and dtype is not None:
+            value.dtype = dtype
 
 
 def _min_ir(opset: int) -> int:
@@ -424,9 +474,11 @@ def _fold_conv_affine(graph: ir.Graph) -> int:
             graph.remove(nxt, safe=True)
             count += 1
         if count:
+            old_w = node.inputs[1]
             node.replace_input_with(
                 1, _const(graph, names, f"{node.inputs[1].name}_folded", w.astype(np.float32))
             )
+            _release(old_w)  # read once; a memory-mapped original need not stay resident
             if len(node.inputs) < 3:
                 node.resize_inputs(3)
             node.replace_input_with(
@@ -508,15 +560,23 @@ def _quantize_embeddings(graph: ir.Graph, cfg: QuantizeConfig) -> list[dict[str,
             continue
         key = node.inputs[0].name
         if key not in done:
-            # float32 / int8 throughout: an embedding table can be most of the model's bytes
-            scale = np.abs(e).max(axis=1, keepdims=True) / np.float32(127)
-            scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-            codes = np.clip(np.rint(e / scale), -127, 127).astype(np.int8)
+            # float32 / int8, in row chunks: an embedding table can be most of the model's bytes
+            scale = np.empty((e.shape[0], 1), np.float32)
+            codes = np.empty(e.shape, np.int8)
+            err = sig = 0.0
+            step = max(1, (4 << 20) // max(e.shape[1] * 4, 1))
+            for r in range(0, e.shape[0], step):
+                ec = e[r : r + step]
+                sc = np.abs(ec).max(axis=1, keepdims=True) / np.float32(127)
+                sc = np.where(sc > 0, sc, np.float32(1)).astype(np.float32)
+                cc = np.clip(np.rint(ec / sc), -127, 127).astype(np.int8)
+                scale[r : r + step], codes[r : r + step] = sc, cc
+                err += float(np.sum(np.square(cc * sc - ec, dtype=np.float32), dtype=np.float64))
+                sig += float(np.sum(np.square(ec, dtype=np.float32), dtype=np.float64))
+                _release(node.inputs[0], r * e.shape[1] * 4, (r + step) * e.shape[1] * 4)
             eq = _const(graph, names, f"{key}_quantized", codes)
             sv = _const(graph, names, f"{key}_row_scale", scale)
             done[key] = (eq, sv)
-            err = float(np.sum(np.square(codes * scale - e, dtype=np.float32), dtype=np.float64))
-            sig = float(np.sum(np.square(e, dtype=np.float32), dtype=np.float64))
             sqnr = math.inf if err == 0 else 10 * math.log10(max(sig, 1e-30) / err)
             report.append({"node": node.name or key, "rows": int(e.shape[0]), "weight_sqnr_db": _r(sqnr)})
         eq, sv = done[key]
@@ -534,6 +594,16 @@ def _quantize_embeddings(graph: ir.Graph, cfg: QuantizeConfig) -> list[dict[str,
         out.replace_all_uses_with(y)
         graph.remove(node, safe=True)
     return report
+
+
+def _release(value: ir.Value | None, start_byte: int = 0, end_byte: int | None = None) -> None:
+    """Drop a memory-mapped weight's pages (or a byte range of it) from resident memory once read;
+    its data stays valid (see :class:`onnxcomp.proto_stream.FileSpanTensor`)."""
+    from onnxcomp.proto_stream import FileSpanTensor
+
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, FileSpanTensor):
+        tensor.release(start_byte, end_byte)
 
 
 def _excluded(node: ir.Node, cfg: QuantizeConfig) -> bool:
@@ -827,11 +897,17 @@ def _quantize_weight(
             grid,
             damp=cfg.gptq_damp,
         )
-        codes = layer.from_m(codes_m, w.shape)
+        codes_f = layer.from_m(codes_m, w.shape).astype(np.float32)
     else:
-        codes = np.clip(np.rint(w / full_s).astype(np.int64) + full_z, grid.qmin, grid.qmax)
-    w_hat = ((codes - full_z).astype(np.float32) * full_s).astype(np.float32)
-    return _QWeight(codes, scale, zp, axis, block_size, grid, w_hat)
+        # float32 throughout (integer-valued floats below 2^24 are exact, so this equals the int64
+        # formula clip(rint(w / s) + z)); no full-size int64 temporaries
+        codes_f = np.rint(w.astype(np.float32, copy=False) / full_s)
+        np.add(codes_f, full_z, out=codes_f, casting="unsafe")
+        np.clip(codes_f, grid.qmin, grid.qmax, out=codes_f)
+    codes = codes_f.astype(np.int16 if -(1 << 15) <= grid.qmin and grid.qmax < (1 << 15) else np.int32)
+    np.subtract(codes_f, full_z, out=codes_f, casting="unsafe")
+    codes_f *= full_s
+    return _QWeight(codes, scale, zp, axis, block_size, grid, codes_f)
 
 
 def _weight_container(bits: int, signed: bool) -> ir.DataType:
@@ -943,11 +1019,18 @@ class QuantizePass(Pass):
                 "(see details['skipped'] for the reason per layer)"
             )
             logger.warning("%s", result.details["warning"])
-        # Only the main graph is quantized: say how much sits in If/Loop/Scan bodies.
+        if cfg.remaining_weights:
+            # LSTM/GRU/RNN weights and weights inside If/Loop/Scan bodies: weight-only int8.
+            from onnxcomp.passes.quantize_subgraphs import quantize_remaining_weights
+
+            extra = quantize_remaining_weights(model, cfg)
+            if extra.get("quantized"):
+                result.details["remaining_weights"] = extra
+                result = PassResult(changed=True, details=result.details)
         from onnxcomp.model_io import iter_graphs
 
         sub = [g for g in iter_graphs(model) if g is not model.graph]
-        if sub:
+        if sub and not cfg.remaining_weights:
             n = sum(1 for g in sub for node in g if node.op_type in WEIGHTED_OPS)
             result.details["subgraph_weighted_nodes_left_float"] = n
             if n:
@@ -1022,7 +1105,7 @@ class QuantizePass(Pass):
                 if (layer.w.name or layer.name) not in seen:
                     before += w_stored.nbytes
                     seen.add(layer.w.name or layer.name)
-                w = w_stored.astype(np.float32)  # float16 weights are quantized from their exact values
+                w = w_stored.astype(np.float32, copy=False)  # float16: quantized from the exact values
                 base = layer.w.name or layer.name
                 if sixteen_fp:
                     key = (base, "fp16")
@@ -1052,11 +1135,12 @@ class QuantizePass(Pass):
                     block = 0
                 fp32 = layer.dtype == ir.DataType.FLOAT
                 if cfg.matmul_nbits and layer.node.op_type == "MatMul" and block and fp32:
-                    w_hat, n_scales = self._emit_matmul_nbits(
+                    w_hat, n_scales, sqnr = self._emit_matmul_nbits(
                         graph, names, layer, w, cfg, stats.get(layer.name)
                     )
                     after += w.size // 2 + n_scales * 4
                     qw = _QWeight(np.empty(0), np.empty(0), np.empty(0), layer.in_axis, block, grid, w_hat)
+                    qw.extra["sqnr_db"] = sqnr
                 else:
                     # a weight shared by several layers is stored once (GPTQ rounds per layer: not shared)
                     key = (base, f"dq{layer.axis}/{layer.in_axis}/{block}")
@@ -1081,7 +1165,9 @@ class QuantizePass(Pass):
                     "granularity": f"block {block}"
                     if block
                     else ("channel" if qw.axis is not None else "tensor"),
-                    "weight_sqnr_db": _r(qn.sqnr_db(w, qw.w_hat)),
+                    "weight_sqnr_db": _r(
+                        qw.extra["sqnr_db"] if "sqnr_db" in qw.extra else qn.sqnr_db(w, qw.w_hat)
+                    ),
                 }
                 if not fp32:
                     entry["dtype"] = "float16"
@@ -1090,6 +1176,7 @@ class QuantizePass(Pass):
                         graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry
                     )
                 report.append(entry)
+                _release(layer.w)  # the float weight was read once: its pages can leave RSS
                 step(1)
         embeddings = _quantize_embeddings(graph, cfg) if cfg.quantize_embeddings else []
         _remove_unused_initializers(graph)
@@ -1111,30 +1198,36 @@ class QuantizePass(Pass):
 
     def _emit_matmul_nbits(
         self, graph: ir.Graph, names: _Names, layer: _Layer, w: np.ndarray, cfg: QuantizeConfig, stats: Any
-    ) -> tuple[np.ndarray, int]:
+    ) -> tuple[np.ndarray, int, float]:
         """``MatMul(x, W[K,N]) -> MatMulNBits(x, B[N, K/bs, bs/2], scales[N, K/bs], zp)`` (4-bit codes
         ``u = q + 8`` for the symmetric grid, packed low nibble first)."""
         k, n = w.shape
         bs = cfg.block_size
         kb = math.ceil(k / bs)
         pad = kb * bs - k
-        wt = w.T  # [N, K]
+        wt = np.ascontiguousarray(w.T)  # [N, K]: one transposing copy, every reshape below is a view
         if pad:
             wt = np.concatenate([wt, np.zeros((n, pad), np.float32)], axis=1)
         grid = qn.QGrid(4, signed=False, symmetric=cfg.symmetric_weights)
         scale, zp = qn.block_params(wt, 1, bs, grid, method=cfg.weight_range)  # [N, kb]
-        full_s = np.repeat(scale, bs, axis=1)
-        full_z = np.repeat(zp, bs, axis=1)
+        s3 = scale.astype(np.float32)[:, :, None]
+        z3 = zp.astype(np.float32)[:, :, None]
         if cfg.method == "gptq" and stats is not None and stats[0] is not None:
             h = stats[0] / max(stats[2], 1)
             if pad:
                 hp = np.eye(k + pad) * float(np.mean(np.diag(h)))
                 hp[:k, :k] = h
                 h = hp
-            codes = qn.gptq_quantize(wt, h, full_s, full_z, grid, damp=cfg.gptq_damp)
+            full_s = np.repeat(scale, bs, axis=1)
+            full_z = np.repeat(zp, bs, axis=1)
+            codes3 = qn.gptq_quantize(wt, h, full_s, full_z, grid, damp=cfg.gptq_damp)
+            codes3 = codes3.reshape(n, kb, bs).astype(np.float32)
         else:
-            codes = np.clip(np.rint(wt / full_s).astype(np.int64) + full_z, 0, 15)
-        packed = qn.pack_nbits(codes.reshape(n, kb, bs), 4)  # [N, kb, bs/2]
+            # float32 throughout (integer-valued floats are exact): rint(w / s) + z clipped to [0, 15]
+            codes3 = np.rint(wt.reshape(n, kb, bs) / s3)
+            codes3 += z3
+            np.clip(codes3, 0, 15, out=codes3)
+        packed = qn.pack_nbits(codes3.astype(np.uint8), 4)  # [N, kb, bs/2]
         b = _const(graph, names, f"{layer.w.name}_nbits", packed)
         s = _const(graph, names, f"{layer.w.name}_nbits_scale", scale.astype(np.float32).reshape(-1))
         inputs = [layer.x, b, s]
@@ -1157,8 +1250,11 @@ class QuantizePass(Pass):
             graph.opset_imports["com.microsoft"] = 1
         _replace_value(graph, out, new_out)
         graph.remove(node, safe=True)
-        w_hat = ((codes - full_z).astype(np.float32) * full_s)[:, :k].T  # back to [K, N]
-        return np.ascontiguousarray(w_hat, dtype=np.float32), int(scale.size)
+        codes3 -= z3
+        codes3 *= s3
+        w_hat = codes3.reshape(n, kb * bs)[:, :k]
+        sqnr = qn.sqnr_db(wt[:, :k], w_hat)  # in the contiguous [N, K] layout
+        return w_hat.T, int(scale.size), sqnr  # w_hat: a [K, N] view
 
     def _apply_bias_correction(
         self,
@@ -1285,6 +1381,7 @@ class QuantizePass(Pass):
             if cfg.bias_correction:
                 self._apply_bias_correction(graph, names, layer, w, qw.w_hat, stats.get(layer.name), entry)
             report.append(entry)
+            _release(layer.w)
         embeddings = _quantize_embeddings(graph, cfg) if cfg.quantize_embeddings else []
         _remove_unused_initializers(graph)
         graph.sort()

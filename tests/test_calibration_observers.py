@@ -274,3 +274,13 @@ def test_histogram_growth_by_a_huge_factor() -> None:
         whole.update(x)
         np.testing.assert_array_equal(obs.hist.counts, whole.hist.counts)
         assert obs.hist.counts.sum() == 5
+
+
+def test_histogram_tiny_negative_is_batch_invariant() -> None:
+    """A negative denormal whose x / w underflows to -0 still lands below zero, batched or not."""
+    x = np.array([-1.401298464324817e-45, 128.0], dtype=np.float32)
+    one = PercentileObserver(percentile=99.0, bins=256)
+    one.update(x)
+    many = _feed(PercentileObserver(percentile=99.0, bins=256), x, 1)
+    np.testing.assert_array_equal(one.hist.counts, many.hist.counts)
+    assert one.hist.counts[127] == 1
