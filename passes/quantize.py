@@ -1443,6 +1443,11 @@ class QuantizePass(Pass):
         result = quantize_static_qdq(
             model, ctx, cfg, activation_type=act, reduce_range=self._reduce_range(cfg, target)
         )
+        if cfg.quantize_embeddings:  # Gather tables: int8 rows + DequantizeLinear, as in the other modes
+            embeddings = _quantize_embeddings(model.graph, cfg)
+            if embeddings:
+                _remove_unused_initializers(model.graph)
+                result = PassResult(True, {**result.details, "embeddings": embeddings})
         if snapshot is not None and not result.changed:  # nothing gained: give the float16 model back
             _restore(model, snapshot)
         elif upcast:

@@ -554,6 +554,13 @@ def test_embedding_tables_int8_per_row() -> None:
     assert m.graph.initializers["table_quantized"].const_value.dtype == ir.DataType.INT8
     assert "table" not in m.graph.initializers
     assert cosine(run(m, x), ref) > 0.999
+    # static int8 honours the option too (the tables are otherwise most of a transformer's bytes)
+    m = ir.from_proto(p)
+    calib = [{"ids": rng.integers(0, 100, (2, 7)).astype(np.int64)} for _ in range(4)]
+    d = quantize(m, calib, mode="static-int8", quantize_embeddings=True).details
+    assert d["embeddings"][0]["rows"] == 100
+    assert m.graph.initializers["table_quantized"].const_value.dtype == ir.DataType.INT8
+    assert cosine(run(m, x), ref) > 0.99
 
 
 def test_tensorrt_target_float_bias_symmetric_int8_activations() -> None:
