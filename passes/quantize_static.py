@@ -5,6 +5,11 @@ parameters from streaming calibration statistics, per-channel weights and ``b_q 
 in int32. A Relu (or Clip) right after a quantized op is folded into the quantizer (its range starts
 at 0, so ``Q`` clamps exactly like the activation) — the placement ONNX Runtime fuses to QLinearConv /
 QLinearMatMul. MaxPool/Resize outputs share their input's parameters (ONNX Runtime drops their Q/DQ).
+A non-weighted op (Softmax, pooling, Concat, Add, ...) gets Q/DQ only when its output is quantized,
+i.e. when it becomes an integer kernel; pooling whose output feeds only float ops (GlobalAveragePool
+-> Softmax at a classifier's tail) stays float, so the logits are not rounded to 8 bits.
+With ``min_speedup`` set, :mod:`onnxcomp.passes.quantize_speed` times the result against the float
+model and puts layers whose integer kernels lose time back to float.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ from onnxcomp.passes.quantize import (
 
 __all__ = ["quantize_static_qdq"]
 
+#: Averaging pools whose output is quantized only when an integer kernel consumes it: at a network's
+#: tail (GlobalAveragePool -> Softmax) the logits stay float instead of being rounded to 8 bits.
+_POOL_IF_INT_CONSUMER = frozenset({"GlobalAveragePool", "AveragePool"})
+
 logger = logging.getLogger(__name__)
 
 
@@ -90,6 +99,44 @@ def _foldable(y: ir.Value, cfg: QuantizeConfig) -> ir.Node | None:
     return act
 
 
+def _quantized_outputs(
+    cand: list[ir.Node], cand_ids: set[int], cfg: QuantizeConfig
+) -> dict[str, ir.Node | None]:
+    """Names of the candidate outputs that get a quantizer, each with the Relu/Clip folded into it.
+
+    Pooling (GlobalAveragePool/AveragePool) output is quantized only when an integer kernel consumes
+    it: a weighted op, or an op whose own output is quantized (not a float Softmax at the tail)."""
+    out: dict[str, ir.Node | None] = {}
+    pooled: list[ir.Node] = []
+    for node in cand:
+        y = node.outputs[0]
+        op = node.op_type
+        if op in _POOL_IF_INT_CONSUMER:
+            pooled.append(node)
+            continue
+        consumed = any(id(u.node) in cand_ids for u in y.uses())
+        if op in OUTPUT_IF_CONSUMED_OPS and op not in ("Add", "Mul", "Concat") and not consumed:
+            continue
+        if y.is_graph_output() and not consumed:
+            continue  # a float model output: quantizing it only adds error (and blocks MatMulIntegerToFloat)
+        act = _foldable(y, cfg) if op not in SHARE_PARAMS_OPS else None
+        if op in ("MatMul", "Gemm") and not consumed:
+            after = act.outputs[0] if act is not None else None
+            if after is None or not any(id(u.node) in cand_ids for u in after.uses()):
+                # ONNX Runtime runs DQ -> MatMul without an output Q as MatMulIntegerToFloat (bias Add
+                # fused too); a Q there would only add error.
+                continue
+        out[y.name] = act
+    for node in pooled:
+        y = node.outputs[0]
+        if any(
+            id(u.node) in cand_ids and (u.node.op_type in WEIGHTED_OPS or u.node.outputs[0].name in out)
+            for u in y.uses()
+        ):
+            out[y.name] = None
+    return out
+
+
 def _make_plan(graph: ir.Graph, cfg: QuantizeConfig, layers: list[_Layer], dropped: set[str]) -> _Plan:
     plan = _Plan()
     layer_nodes = {id(lay.node) for lay in layers}
@@ -110,24 +157,17 @@ def _make_plan(graph: ir.Graph, cfg: QuantizeConfig, layers: list[_Layer], dropp
         if not node.inputs or not _is_float(node.inputs[0]) or not _is_float(node.outputs[0]):
             continue
         cand.append(node)
-    cand_ids = {id(n) for n in cand}
+    # A non-weighted op runs as an integer kernel only when its output is quantized; one whose
+    # output stays float (e.g. a Softmax giving the model output) gets no Q/DQ at its inputs either
+    # (they would add error and DQ work for no integer kernel).
+    quantized_out = _quantized_outputs(cand, {id(n) for n in cand}, cfg)
+    cand = [n for n in cand if n.op_type in WEIGHTED_OPS or n.outputs[0].name in quantized_out]
     plan.nodes = cand
-    # outputs first (folding decides which name a consumer's input maps to)
     for node in cand:
         y = node.outputs[0]
-        op = node.op_type
-        consumed = any(id(u.node) in cand_ids for u in y.uses())
-        if op in OUTPUT_IF_CONSUMED_OPS and op not in ("Add", "Mul", "Concat") and not consumed:
+        if y.name not in quantized_out:
             continue
-        if y.is_graph_output() and not consumed:
-            continue  # a float model output: quantizing it only adds error (and blocks MatMulIntegerToFloat)
-        act = _foldable(y, cfg) if op not in SHARE_PARAMS_OPS else None
-        if op in ("MatMul", "Gemm") and not consumed:
-            after = act.outputs[0] if act is not None else None
-            if after is None or not any(id(u.node) in cand_ids for u in after.uses()):
-                # ONNX Runtime runs DQ -> MatMul without an output Q as MatMulIntegerToFloat (bias Add
-                # fused too); a Q there would only add error.
-                continue
+        act = quantized_out[y.name]
         if act is not None:
             r = act.outputs[0]
             plan.fused[y.name] = act
@@ -260,6 +300,7 @@ def quantize_static_qdq(
 
     fallback: list[dict[str, Any]] = []
     layer_err: dict[str, float] = {}
+    fb_dropped: set[str] = set()
     if cfg.fallback_sqnr_db is not None and layers:
         params = params_for(plan)
         in_params = {
@@ -268,27 +309,118 @@ def quantize_static_qdq(
             if plan.alias.get(lay.x.name, lay.x.name) in params
         }
         layer_err = _layer_sqnr(model, layers, qweights, in_params, act_dtype, ctx, cfg)
-        dropped = {k for k, e in layer_err.items() if e < cfg.fallback_sqnr_db}
-        if dropped:
+        fb_dropped = {k for k, e in layer_err.items() if e < cfg.fallback_sqnr_db}
+        if fb_dropped:
             fallback = [
-                {"node": k, "sqnr_db": _r(layer_err[k])} for k in sorted(dropped, key=lambda k: layer_err[k])
+                {"node": k, "sqnr_db": _r(layer_err[k])}
+                for k in sorted(fb_dropped, key=lambda k: layer_err[k])
             ]
-            layers = [lay for lay in layers if lay.name not in dropped]
-            plan = _make_plan(graph, cfg, layers, {lay_name for lay_name in dropped})
-            missing = sorted({plan.calib_name(t) for t in plan.tensors} - set(ranges))
-            if missing:
-                more = collect_statistics(
-                    model, missing, _samples(ctx, cfg, model), observer=cfg.observer, **opts
-                )
-                ranges.update({k: o.range() for k, o in more.items()})
-    params = params_for(plan)
-    for out_name, in_name in plan.shared.items():
-        if in_name in params:
-            params[out_name] = params[in_name]
 
+    def emit(target: ir.Model, dropped: frozenset[str]) -> tuple[_Plan, list[dict[str, Any]]]:
+        """Quantize ``target`` (the float model or a copy of it) with the layers in ``dropped`` and
+        the fallback layers left float."""
+        lays = [lay for lay in _find_layers(target.graph, cfg)[0] if lay.name not in dropped | fb_dropped]
+        p = _make_plan(target.graph, cfg, lays, set(dropped | fb_dropped))
+        missing = sorted({p.calib_name(t) for t in p.tensors} - set(ranges))
+        if missing:
+            more = collect_statistics(
+                model, missing, _samples(ctx, cfg, model), observer=cfg.observer, **opts
+            )
+            ranges.update({k: o.range() for k, o in more.items()})
+        params = params_for(p)
+        for out_name, in_name in p.shared.items():
+            if in_name in params:
+                params[out_name] = params[in_name]
+        return p, _emit(target.graph, cfg, lays, p, params, qweights, wstats, layer_err, act_dtype, act_grid)
+
+    speed: dict[str, Any] | None = None
+    from onnxcomp.passes.quantize_speed import cannot_measure_here
+
+    why_not = cannot_measure_here(ctx.target) if cfg.min_speedup is not None else None
+    if why_not is not None:
+        speed = {"min_speedup": cfg.min_speedup, "skipped": f"speed guard not run: {why_not}"}
+        logger.info("quantize: %s", speed["skipped"])
+    if cfg.min_speedup is not None and why_not is None and layers:
+        from onnxcomp.passes.quantize_speed import speed_feeds, speed_guard
+
+        base = model.clone()
+        built: dict[str, Any] = {}  # the last candidate and its (plan, report)
+
+        def build(dropped: frozenset[str]) -> ir.Model:
+            trial = base.clone()
+            built["model"], built["result"] = trial, emit(trial, dropped)
+            return trial
+
+        names = [lay.name for lay in layers if lay.name not in fb_dropped]
+        feeds = speed_feeds(model, _samples(ctx, cfg, model))
+        accepted, speed = speed_guard(base, build, names, feeds, min_speedup=cfg.min_speedup)
+        if accepted is None:
+            logger.warning(
+                "quantize: the int8 model ran slower than the float model (speedup < %.2f); kept float",
+                cfg.min_speedup,
+            )
+            _remove_unused_initializers(base.graph)
+            model.graph = base.graph
+            return PassResult(
+                True,
+                {
+                    "mode": cfg.mode,
+                    "activation_type": activation_type,
+                    "reduce_range": reduce_range,
+                    "opset_converted_from": old,
+                    "quantized_nodes": 0,
+                    "quantized_activations": 0,
+                    "layers": [],
+                    "fallback": fallback,
+                    "skipped": skipped,
+                    "speed": speed,
+                    "warning": "int8 was slower than float on ONNX Runtime CPU here: model kept float "
+                    "(see details['speed'])",
+                },
+            )
+        assert accepted is built["model"]  # the guard accepts the candidate it built last
+        plan, report = built["result"]
+        model.graph = accepted.graph
+    else:
+        plan, report = emit(model, frozenset())
+    if not plan.tensors:
+        raise CalibrationError("quantize: no activation tensor could be quantized")
+    details: dict[str, Any] = {
+        "mode": cfg.mode,
+        "method": cfg.method,
+        "activation_type": activation_type,
+        "reduce_range": reduce_range,
+        "symmetric_activations": cfg.symmetric_activations,
+        "observer": cfg.observer,
+        "opset_converted_from": old,
+        "quantized_nodes": len(plan.nodes),
+        "quantized_activations": len(plan.tensors),
+        "folded_activations": len(plan.fused),
+        "layers": report,
+        "fallback": fallback,
+        "skipped": skipped,
+    }
+    if speed is not None:
+        details["speed"] = speed
+    return PassResult(True, details)
+
+
+def _emit(
+    graph: ir.Graph,
+    cfg: QuantizeConfig,
+    layers: list[_Layer],
+    plan: _Plan,
+    params: dict[str, tuple[np.ndarray, np.ndarray]],
+    qweights: dict[str, _QWeight],
+    wstats: dict[str, Any],
+    layer_err: dict[str, float],
+    act_dtype: ir.DataType,
+    act_grid: qn.QGrid,
+) -> list[dict[str, Any]]:
+    """Insert the Q/DQ pairs of ``plan`` and the quantized weights/biases of ``layers`` into ``graph``;
+    returns the per-layer report."""
     names = _Names(graph)
     # activations
-    qdq_count = 0
     for t, v in plan.tensors.items():
         s, z = params[t]
         sv = _const(graph, names, f"{t}_scale", np.asarray(s, np.float32))
@@ -314,7 +446,6 @@ def quantize_static_qdq(
                     use.node.replace_input_with(use.idx, dq_out)
         graph.append(qn_node)
         graph.append(dq_node)
-        qdq_count += 1
     # constant inputs of Add/Mul/Concat
     for node, i in plan.const_inputs:
         c = _const_array(node.inputs[i])
@@ -403,23 +534,4 @@ def quantize_static_qdq(
         report.append(entry)
     _remove_unused_initializers(graph)
     graph.sort()
-    if not plan.tensors:
-        raise CalibrationError("quantize: no activation tensor could be quantized")
-    return PassResult(
-        True,
-        {
-            "mode": cfg.mode,
-            "method": cfg.method,
-            "activation_type": activation_type,
-            "reduce_range": reduce_range,
-            "symmetric_activations": cfg.symmetric_activations,
-            "observer": cfg.observer,
-            "opset_converted_from": old,
-            "quantized_nodes": len(plan.nodes),
-            "quantized_activations": qdq_count,
-            "folded_activations": len(plan.fused),
-            "layers": report,
-            "fallback": fallback,
-            "skipped": skipped,
-        },
-    )
+    return report
