@@ -23,6 +23,7 @@ models get one scale per tensor).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,13 +50,21 @@ def _opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0)
 
 
-def _weight_slot(node: ir.Node, index: int, main: ir.Graph, rank: int) -> int | bool | None:
+def _layer_name(node: ir.Node) -> str:
+    """The quantize pass's name for a layer: the node name, else its first output's name."""
+    return node.name or (node.outputs[0].name if node.outputs else None) or node.op_type
+
+
+def _weight_slot(
+    node: ir.Node, index: int, main: ir.Graph, rank: int, main_nodes: Collection[str] = ()
+) -> int | bool | None:
     """The channel axis when input ``index`` of ``node`` is a weight this module quantizes, else False."""
     if node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type in RNN_OPS:
         return 1 if index in (1, 2) and rank == 3 else False
-    if node.op_type not in SUBGRAPH_WEIGHT_OPS or node.graph is main or index != 1 or rank < 2:
+    in_scope = node.graph is not main or _layer_name(node) in main_nodes
+    if node.op_type not in SUBGRAPH_WEIGHT_OPS or not in_scope or index != 1 or rank < 2:
         return False
     if node.op_type == "Conv":
         return 0
@@ -111,7 +120,11 @@ def _config_value(cfg: Any, name: str, default: Any) -> Any:
 
 
 def quantize_remaining_weights(
-    model: ir.Model, cfg: Any = None, *, rnn_form: Literal["cast-mul", "dequantize"] = "cast-mul"
+    model: ir.Model,
+    cfg: Any = None,
+    *,
+    rnn_form: Literal["cast-mul", "dequantize"] = "cast-mul",
+    main_nodes: Collection[str] = (),
 ) -> dict[str, Any]:
     """Store RNN ``W``/``R`` and subgraph Conv/MatMul/Gemm weights as int8 + ``DequantizeLinear``, in place.
 
@@ -120,6 +133,9 @@ def quantize_remaining_weights(
     ``rnn_form``: RNN weights as ``Mul(Cast(q, FLOAT), s)`` (default: ORT folds it when the session is
     created, so no per-call cost; same float32 values as the DequantizeLinear) or as a
     ``DequantizeLinear`` (ORT does not fold it: ~30 us more per call on silero-vad, ~13 %).
+    ``main_nodes``: names of main-graph Conv/ConvTranspose/MatMul/Gemm nodes whose weights are stored
+    the same way, always as ``Mul(Cast(q), s)`` (folded at load: the layer computes in float at float
+    speed from a file that holds int8 codes; used for layers the static speed guard put back to float).
     Returns ``{"quantized": [...], "skipped": [...], "bytes_before": n, "bytes_after": m}`` with one
     entry per weight (name, op, shape, axis, max abs error).
     """
@@ -144,7 +160,7 @@ def quantize_remaining_weights(
                 tensor = _tensor(value, src[2])
                 if tensor is None or tensor.dtype != ir.DataType.FLOAT:
                     continue
-                axis = _weight_slot(node, index, main, len(tensor.shape))
+                axis = _weight_slot(node, index, main, len(tensor.shape), main_nodes)
                 if axis is False:
                     continue
                 entry = candidates.setdefault(id(value), (value, []))
@@ -183,7 +199,8 @@ def quantize_remaining_weights(
             name=f"{name}_dequantized", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape)
         )
         rnn = all(s.node.op_type in RNN_OPS for s in slots)
-        if rnn and rnn_form == "cast-mul":
+        folded = all(s.node.graph is main and s.node.op_type not in RNN_OPS for s in slots)
+        if (rnn and rnn_form == "cast-mul") or folded:
             # Mul(Cast(q), s) is folded by ORT at session creation (DequantizeLinear is not): the
             # recurrent kernel sees the same float32 W = q * s without a per-call dequantization
             if axis is not None:

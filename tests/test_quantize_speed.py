@@ -152,7 +152,7 @@ def test_guard_accepts_when_requirement_is_met(tmp_path: Path) -> None:
     assert optimized_ops(m, tmp_path)["QLinearConv"] == 2
 
 
-def test_guard_puts_everything_back_when_int8_cannot_win() -> None:
+def test_guard_puts_everything_back_when_int8_cannot_win(tmp_path: Path) -> None:
     ref = small_digits_cnn()
     m = small_digits_cnn()
     calib = samples((1, 1, 28, 28), 4)
@@ -161,9 +161,17 @@ def test_guard_puts_everything_back_when_int8_cannot_win() -> None:
     assert speed["reverted_all"] and speed["speedup_after"] is None and "warning" in res.details
     assert res.details["quantized_nodes"] == 0
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph)
-    np.testing.assert_allclose(run(m, calib[1]), run(ref, calib[1]), rtol=1e-5, atol=1e-5)
+    # float compute, but the weights stay int8 codes: W = Cast(q)·s, folded by ORT at load
+    y, y_ref = run(m, calib[1]), run(ref, calib[1])
+    assert float(np.dot(y.ravel(), y_ref.ravel()) / np.linalg.norm(y) / np.linalg.norm(y_ref)) > 0.9999
+    assert speed["weights_int8"]["layers"] == 2  # c1 and c2
+    assert speed["weights_int8"]["bytes_after"] < speed["weights_int8"]["bytes_before"] / 3
+    int8 = [v for v in m.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT8]
+    assert len(int8) == 2
+    ops = optimized_ops(m, tmp_path)
+    assert ops.get("Cast", 0) == 0 and ops.get("Mul", 0) == 0  # folded when the session was created
     used = {v.name for n in m.graph for v in n.inputs if v is not None}
-    assert set(m.graph.initializers) <= used  # no quantized leftovers: the file is the float model's size
+    assert set(m.graph.initializers) <= used  # no leftovers
     # every reverted layer is listed with its measured integer and float kernel times
     assert {r["node"] for r in speed["reverted_layers"]} <= {"c1", "c2"} and speed["reverted_layers"]
     assert all(r["int8_us"] > 0 and r["float_us"] > 0 for r in speed["reverted_layers"])
@@ -178,7 +186,10 @@ def test_guard_reverts_the_one_channel_convolution() -> None:
     reverted = {r["node"] for r in speed["reverted_layers"]}
     assert speed["reverted_all"] or "c1" in reverted, speed
     conv1 = next(n for n in m.graph if n.op_type == "Conv" and n.outputs[0].name == "c1")
-    assert conv1.inputs[0].name == "x" and conv1.inputs[1].const_value is not None  # float again
+    assert conv1.inputs[0].name == "x"  # float activations again
+    decode = conv1.inputs[1].producer()  # weights: int8 codes decoded by Cast·Mul
+    assert decode is not None and decode.op_type == "Mul"
+    assert decode.inputs[0].producer().inputs[0].const_value.dtype == ir.DataType.INT8
 
 
 def test_guard_is_skipped_for_a_target_this_machine_cannot_time() -> None:
