@@ -266,6 +266,7 @@ VARIANTS: dict[str, list[str]] = {
         "ort-static-minmax",
         "ort-static-entropy",
         "oc-static-minmax",
+        "oc-default",
         "oc-static-entropy",
         "oc-static-gptq-bc",
         "oc-w4-gptq",
@@ -276,6 +277,7 @@ VARIANTS: dict[str, list[str]] = {
         "ort-static-minmax",
         "ort-static-entropy",
         "oc-static-minmax",
+        "oc-default",
         "oc-static-entropy",
         "oc-static-bc",
         "oc-fp16",
@@ -285,6 +287,7 @@ VARIANTS: dict[str, list[str]] = {
         "ort-static-minmax",
         "ort-static-entropy",
         "oc-static-minmax",
+        "oc-default",
         "oc-static-entropy",
         "oc-fp16",
     ],
@@ -379,6 +382,8 @@ def worker(variant: str, src: Path, dst: Path, calib_path: Path) -> dict[str, An
     else:
         opts: dict[str, Any] = {
             "oc-static-minmax": {"mode": "static-int8"},
+            # what `onnxcomp optimize --calib` does to a CNN: SQNR fallback + speed guard
+            "oc-default": {"mode": "static-int8", "fallback_sqnr_db": 15.0, "min_speedup": 1.05},
             "oc-static-entropy": {"mode": "static-int8", "observer": "entropy"},
             "oc-static-gptq-bc": {"mode": "static-int8", "method": "gptq", "bias_correction": True},
             "oc-static-bc": {"mode": "static-int8", "bias_correction": True},
