@@ -4,18 +4,21 @@
    squeezenet1.1 (fp16 file converted to fp32; top-1 and agreement with the fp32 model on
    imagenet-100, calibrated on the 9 non-ImageNet photos of images/photos + images/faces):
    accuracy vs sparsity for magnitude (per layer and global), α·σ (α solved for the sparsity),
-   Wanda, Wanda + sequential least-squares refit, SparseGPT + refit; raw and Deflate (zlib -9) size;
-   on mnist at 70/80/90 % also SparseGPT + refit + calibration-scored per-layer allocation search
-   (``allocation_search = 2``) with ±1-pixel shifted calibration copies (``augment_shifts = 1``),
-   ~3 min per row.
+   Wanda, Wanda + sequential least-squares refit, SparseGPT + refit with the global-threshold
+   allocation and with the default allocation (``auto``: measured per-layer sensitivity curves on
+   models with <= 16 prunable layers, i.e. mnist; squeezenet's 26 layers keep the threshold); raw and
+   Deflate (zlib -9) size; on mnist at 70/80/90 % also SparseGPT + refit with ±1-pixel shifted
+   calibration copies (``augment_shifts = 1``, ~1-2 min per row) and with one round of the pairwise
+   allocation search (``allocation_search = 1``, ~40 s per row), and both at 80 % (~2.5 min).
+   Every decision uses the 200 calibration digits only.
 2. seed 003 on mnist: α ∈ {0, .25, .5, .75} × bits ∈ {32, 16, 8, 4, 3}: prune-then-quantize with the
    grid starting at β (ceil as in the seed, and round-to-nearest), against α·σ pruning + plain
    symmetric quantization at the same bits: accuracy, sparsity, compressed size.
 3. structured: squeezenet fp32, yunet-n and open-nsfw at 0/10/20/30/50 % channels removed: batch-1
    latency on ONNX Runtime CPU (1 thread, median, variants interleaved), parameters, fidelity.
 
-    python benchmarks/bench_prune.py               # everything (~10 min on a loaded 2-core box)
-    python benchmarks/bench_prune.py --part mnist  # one part: mnist (~15 min, the alloc rows) | squeezenet | seed | structured
+    python benchmarks/bench_prune.py               # everything (~30 min on a loaded 2-core box)
+    python benchmarks/bench_prune.py --part mnist  # one part: mnist (~10 min) | squeezenet (~5 min) | seed | structured
 
 Prints markdown tables and writes benchmarks/results/prune.json.
 """
@@ -182,22 +185,44 @@ METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
     "magnitude-global": {"method": "magnitude", "scope": "global"},
     "alpha-sigma": {"method": "alpha-sigma"},
-    "wanda": {"method": "wanda", "scope": "global"},
+    "wanda": {"method": "wanda", "scope": "global", "allocation": "threshold"},
     "wanda+refit": {"method": "wanda", "scope": "global", "reconstruct": True},
-    "sparsegpt+refit": {"method": "sparsegpt", "scope": "global", "reconstruct": True},
-}
-#: mnist only, at the high sparsities (each run prunes ~13 clones): calibration-scored per-layer
-#: allocation search + ±1-pixel shifted calibration copies (still only the 200 calibration digits)
-MNIST_SEARCH: dict[str, dict[str, Any]] = {
-    "sparsegpt+refit+alloc": {
+    "sparsegpt+refit (threshold alloc)": {
         "method": "sparsegpt",
         "scope": "global",
         "reconstruct": True,
-        "allocation_search": 2,
+        "allocation": "threshold",
+    },
+    # default allocation "auto": measured per-layer sensitivity curves on models with <= 16 layers
+    "sparsegpt+refit": {"method": "sparsegpt", "scope": "global", "reconstruct": True},
+}
+#: mnist only, at the high sparsities: ±1-pixel shifted calibration copies (still only the 200
+#: calibration digits, 9x the rows) on top of the default sparsegpt+refit
+MNIST_SEARCH: dict[str, dict[str, Any]] = {
+    "sparsegpt+refit+shifts": {
+        "method": "sparsegpt",
+        "scope": "global",
+        "reconstruct": True,
         "augment_shifts": 1,
+    },
+    # + the pairwise allocation search (1 round, quadratic in layers) from the sensitivity counts
+    "sparsegpt+refit+search": {
+        "method": "sparsegpt",
+        "scope": "global",
+        "reconstruct": True,
+        "allocation_search": 1,
+    },
+    # both (~2.5 min, 80 % only)
+    "sparsegpt+refit+shifts+search": {
+        "method": "sparsegpt",
+        "scope": "global",
+        "reconstruct": True,
+        "augment_shifts": 1,
+        "allocation_search": 1,
     },
 }
 SEARCH_SPARSITIES = (0.7, 0.8, 0.9)
+SEARCH_ONLY: dict[str, tuple[float, ...]] = {"sparsegpt+refit+shifts+search": (0.8,)}
 
 
 def sparsity_sweep(
@@ -218,7 +243,7 @@ def sparsity_sweep(
         for method, opts in methods.items():
             if s == 0.0 and method != "magnitude":
                 continue
-            if method in MNIST_SEARCH and s not in SEARCH_SPARSITIES:
+            if method in MNIST_SEARCH and s not in SEARCH_ONLY.get(method, SEARCH_SPARSITIES):
                 continue
             model = load()
             o = dict(opts, min_size=min_size, calibration_samples=samples)
@@ -275,7 +300,11 @@ def squeezenet_part() -> dict[str, Any]:
     def calib() -> Any:
         return ({"data_0": xc[i : i + 1]} for i in range(len(xc)))
 
-    methods = {k: v for k, v in METHODS.items() if k in ("magnitude", "alpha-sigma", "wanda", "wanda+refit")}
+    methods = {
+        k: v
+        for k, v in METHODS.items()
+        if k in ("magnitude", "alpha-sigma", "wanda", "wanda+refit", "sparsegpt+refit")
+    }
     return sparsity_sweep(
         "squeezenet", squeezenet_fp32, evaluate, calib, min_size=64, samples=len(xc), methods=methods
     )

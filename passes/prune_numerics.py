@@ -26,6 +26,7 @@ Gram matrix of the calibration inputs; ``‖X_j‖₂ = sqrt(H_jj)``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +37,7 @@ __all__ = [
     "PruneQuantized",
     "affine_dequantize",
     "affine_quantize",
+    "allocate_on_hulls",
     "alpha_sigma_threshold",
     "code_dtype",
     "conv_im2col",
@@ -151,6 +153,20 @@ def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     return keep.reshape(scores.shape)
 
 
+def _spd_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a⁻¹b`` for a symmetric positive definite ``a`` (Cholesky, half the work of LU);
+    raises ``LinAlgError`` when ``a`` is not positive definite."""
+    try:
+        from scipy.linalg import LinAlgError as ScipyLinAlgError
+        from scipy.linalg import cho_factor, cho_solve
+    except ImportError:  # pragma: no cover - scipy is optional
+        return np.linalg.solve(a, b)
+    try:
+        return cho_solve(cho_factor(a, check_finite=False), b, check_finite=False)
+    except ScipyLinAlgError as exc:
+        raise np.linalg.LinAlgError(str(exc)) from exc
+
+
 def reconstruct(
     matrix: np.ndarray,
     keep: np.ndarray,
@@ -167,20 +183,43 @@ def reconstruct(
     """
     h = gram.astype(np.float64)
     w = matrix.astype(np.float64)
+    cols = w.shape[1]
     diag_mean = float(np.mean(np.diag(h))) if h.size else 0.0
     lam = damping * diag_mean if diag_mean > 0 else damping
+    a = h + lam * np.eye(cols)
     out = np.where(keep, w, 0.0)
-    hw = (h if cross is None else cross.astype(np.float64)) @ w.T  # [cols, out]: C w for every row
-    for r in range(w.shape[0]):
-        support = np.flatnonzero(keep[r])
-        if support.size == 0 or support.size == w.shape[1]:
-            continue
-        a = h[np.ix_(support, support)] + lam * np.eye(support.size)
-        b = hw[support, r] + lam * w[r, support]
+    b = (h if cross is None else cross.astype(np.float64)) @ w.T + lam * w.T  # [cols, out]
+    todo = [r for r in range(w.shape[0]) if 0 < np.count_nonzero(keep[r]) < cols]
+    if not todo:
+        return out.astype(matrix.dtype)
+    # rows with few pruned weights: w'_S from the unconstrained solution u = A⁻¹b and G = A⁻¹,
+    # w' = u − G_{:,P} (G_PP)⁻¹ u_P (optimal brain surgeon, a |P|×|P| solve instead of |S|×|S|)
+    few = [r for r in todo if 2 * np.count_nonzero(~keep[r]) < cols]
+    if few:
         try:
-            out[r, support] = np.linalg.solve(a, b)
+            g = np.linalg.inv(a)
         except np.linalg.LinAlgError:
-            out[r, support] = np.linalg.lstsq(a, b, rcond=None)[0]
+            few = []
+        else:
+            u = g @ b[:, few]  # [cols, len(few)]
+    for idx, r in enumerate(few):
+        pruned = np.flatnonzero(~keep[r])
+        try:
+            corr = g[:, pruned] @ _spd_solve(g[np.ix_(pruned, pruned)], u[pruned, idx])
+        except np.linalg.LinAlgError:
+            few = few[:idx]
+            break
+        out[r] = np.where(keep[r], u[:, idx] - corr, 0.0)
+    done = set(few)
+    for r in todo:
+        if r in done:
+            continue
+        support = np.flatnonzero(keep[r])
+        a_s = a[np.ix_(support, support)]
+        try:
+            out[r, support] = _spd_solve(a_s, b[support, r])
+        except np.linalg.LinAlgError:
+            out[r, support] = np.linalg.lstsq(a_s, b[support, r], rcond=None)[0]
     return out.astype(matrix.dtype)
 
 
@@ -375,3 +414,36 @@ def conv_im2col(
     cg = c // groups
     cols = cols.reshape(cols.shape[0], groups, cg * cols.shape[-1])
     return cols.transpose(1, 0, 2)
+
+
+def allocate_on_hulls(curves: list[list[tuple[int, float]]], total: int) -> list[int]:
+    """Split ``total`` zeros over layers with error curves ``[(z, E(z)), …]`` (``z`` increasing,
+    starting at ``(0, 0)``) minimising ``Σ E_k(z_k)`` for additive, convexified errors: on each lower
+    convex hull take the segments in order of increasing slope ``ΔE/Δz`` (ties: the larger layer
+    first) until ``total`` is reached; the last segment taken is cut to hit ``total`` exactly."""
+    hulls: list[list[tuple[int, float]]] = []
+    for curve in curves:
+        hull: list[tuple[int, float]] = []
+        for z, e in sorted(curve):
+            while len(hull) >= 2:
+                (z1, e1), (z2, e2) = hull[-2], hull[-1]
+                if (e2 - e1) * (z - z1) >= (e - e1) * (z2 - z1):  # hull[-1] is not below the chord
+                    hull.pop()
+                else:
+                    break
+            hull.append((z, e))
+        hulls.append(hull)
+    segments = []
+    for k, hull in enumerate(hulls):
+        for (z1, e1), (z2, e2) in itertools.pairwise(hull):
+            segments.append(((e2 - e1) / (z2 - z1), -z2, k, z2 - z1))
+    segments.sort()
+    counts = [0] * len(curves)
+    left = total
+    for _, _, k, dz in segments:
+        if left <= 0:
+            break
+        take = min(dz, left)
+        counts[k] += take
+        left -= take
+    return counts

@@ -403,3 +403,148 @@ def test_sparsegpt_drops_exact_count_across_uneven_blocks() -> None:
     for s in (0.3, 0.8, 0.9):
         _, keep = pn.sparsegpt(w, x.T @ x, sparsity=s, blocksize=4)  # 7 blocks of 4 columns, one of 1
         assert np.count_nonzero(~keep) == round(s * w.size)
+
+
+def test_reconstruct_with_cross_term_both_solve_paths() -> None:
+    """``min ‖X̃w' − Xw‖²`` on the support: rows with few pruned weights go through the
+    optimal-brain-surgeon complement, the others through a direct solve; both are exact."""
+    x = RNG.normal(size=(300, 12))
+    xt = x + 0.2 * RNG.normal(size=x.shape)  # the pruned model's inputs
+    w = RNG.normal(size=(4, 12))
+    keep = np.ones((4, 12), dtype=bool)
+    keep[0, [1]] = keep[1, [0, 3, 5]] = False  # few pruned: complement path
+    keep[2, 2:] = keep[3, ::2] = False  # many pruned: direct path
+    out = pn.reconstruct(w, keep, xt.T @ xt, cross=xt.T @ x, damping=0.0)
+    for r in range(4):
+        s = np.flatnonzero(keep[r])
+        expected = np.linalg.lstsq(xt[:, s], x @ w[r], rcond=None)[0]
+        np.testing.assert_allclose(out[r, s], expected, rtol=1e-7, atol=1e-9)
+        assert np.all(out[r, ~keep[r]] == 0)
+
+
+def _conv_transpose_model(w: np.ndarray, **attrs: object) -> ir.Model:
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", **attrs)
+    graph = helper.make_graph(
+        [node],
+        "deconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w.astype(np.float32), "w")],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},
+        {"strides": [2, 3], "pads": [1, 0, 2, 1], "output_padding": [1, 0]},
+        {"group": 2, "strides": [2, 2], "dilations": [2, 1], "pads": [3, 1, 0, 2]},
+    ],
+)
+def test_conv_transpose_columns_match_onnx_runtime(attrs: dict) -> None:
+    """The refit view of ConvTranspose ([Cin, Cout/g, k…] → flipped per-group Conv rows) times its
+    im2col (upsampled, padded input) reproduces ONNX Runtime's output."""
+    from onnxcomp.passes.prune import _columns, find_layers
+
+    w = RNG.normal(size=(4, 3, 3, 2))
+    x = RNG.normal(size=(2, 4, 5, 6)).astype(np.float32)
+    model = _conv_transpose_model(w, **attrs)
+    y = _run(model, {"x": x})[0]
+    layer = find_layers(model)[0][0]
+    cols, m = _columns(layer, x, w.shape), layer.to_refit(w)
+    groups = attrs.get("group", 1)
+    rows = m.shape[0] // groups
+    out = np.concatenate([cols[g] @ m[g * rows : (g + 1) * rows].T for g in range(groups)], axis=1)
+    out = np.moveaxis(out.reshape(x.shape[0], *y.shape[2:], -1), -1, 1)
+    np.testing.assert_allclose(out, y, atol=1e-5)
+    np.testing.assert_array_equal(layer.from_refit(m, w.shape), w)
+
+
+def test_conv_transpose_refit_lowers_error_and_same_pads_are_skipped() -> None:
+    w = RNG.normal(size=(6, 4, 3, 3))
+    base = RNG.normal(size=(16, 2, 1, 7, 7))
+    xs = (base * RNG.normal(size=(1, 1, 6, 1, 1)) + 0.1 * RNG.normal(size=(16, 2, 6, 7, 7))).astype(
+        np.float32
+    )
+    feeds = [{"x": v} for v in xs]
+    ref = [_run(_conv_transpose_model(w, strides=[2, 2], pads=[1, 1, 1, 1]), f)[0] for f in feeds]
+    errors = {}
+    for rec in (False, True):
+        model = _conv_transpose_model(w, strides=[2, 2], pads=[1, 1, 1, 1])
+        opts = {
+            "method": "wanda",
+            "sparsity": 0.5,
+            "min_size": 0,
+            "reconstruct": rec,
+            "calibration_samples": 16,
+        }
+        res = create_pass("prune", opts).run(model, PassContext(calibration=lambda: iter(feeds)))
+        assert not res.details["skipped"]
+        assert np.count_nonzero(_weight(model, "w") == 0) == w.size // 2
+        errors[rec] = float(np.mean([(_run(model, f)[0] - r) ** 2 for f, r in zip(feeds, ref, strict=True)]))
+        if rec:
+            assert res.details["layers"][0]["bias_corrected"] == "new"
+    assert errors[True] < 0.5 * errors[False]
+    model = _conv_transpose_model(w, strides=[2, 2], auto_pad="SAME_UPPER")
+    res = create_pass("prune", {"method": "wanda", "sparsity": 0.5, "min_size": 0, "reconstruct": True}).run(
+        model, PassContext(calibration=lambda: iter(feeds))
+    )
+    assert "auto_pad SAME_UPPER has no refit" in res.details["skipped"][0]["reason"]
+    assert np.count_nonzero(_weight(model, "w") == 0) == round(0.5 * w.size)
+
+
+def test_allocate_on_hulls_is_exact_and_prefers_flat_curves() -> None:
+    flat = [(0, 0.0), (50, 0.1), (90, 0.2)]
+    steep = [(0, 0.0), (50, 5.0), (90, 50.0)]
+    bumpy = [(0, 0.0), (20, 3.0), (40, 3.1)]  # (20, 3.0) lies above the hull chord
+    assert pn.allocate_on_hulls([flat, steep], 100) == [90, 10]
+    assert pn.allocate_on_hulls([flat, steep, bumpy], 120) == [90, 0, 30]
+    assert sum(pn.allocate_on_hulls([flat, steep, bumpy], 77)) == 77
+
+
+def test_sensitivity_allocation_keeps_count_and_beats_threshold_on_calibration() -> None:
+    k = 24
+    x = (RNG.normal(size=(64, 6)) @ RNG.normal(size=(6, k)) + 0.1 * RNG.normal(size=(64, k))).astype(
+        np.float32
+    )
+    w1, w2 = RNG.normal(size=(k, 16)), 0.05 * RNG.normal(size=(16, 8))  # fc2 matters less
+    ref = _run(_mlp(w1, w2), {"x": x})[0]
+    base = {"method": "wanda", "scope": "global", "sparsity": 0.6, "min_size": 0, "calibration_samples": 16}
+    errors, zeros = {}, {}
+    for alloc in ("threshold", "sensitivity"):
+        model = _mlp(w1, w2)
+        res = create_pass("prune", dict(base, allocation=alloc)).run(
+            model, PassContext(calibration=_calib(x))
+        )
+        zeros[alloc] = sum(int(np.count_nonzero(_weight(model, n) == 0)) for n in ("w1", "w2"))
+        errors[alloc] = float(np.mean((_run(model, {"x": x})[0] - ref) ** 2))
+        if alloc == "sensitivity":
+            info = res.details["allocation_sensitivity"]
+            assert sum(info["chosen"]) == sum(info["start"])
+            assert info["trials"] <= 2 * 6 and info["picked"] in ("sensitivity", "threshold", "midpoint")
+            assert [c["calibration_error"] for c in info["candidates"]]
+    assert zeros["sensitivity"] == zeros["threshold"] == round(0.6 * (k * 16 + 16 * 8))
+    assert errors["sensitivity"] <= errors["threshold"] + 1e-9
+    # data-aware global pruning picks the sensitivity allocation by default (few layers)
+    res = create_pass("prune", base).run(_mlp(w1, w2), PassContext(calibration=_calib(x)))
+    assert "allocation_sensitivity" in res.details
+
+
+def test_sequential_sparsegpt_prunes_the_least_squares_target() -> None:
+    """Sequential refit: the second layer sees the pruned first layer's output; SparseGPT + refit
+    must not be worse on calibration than Wanda + refit at the same allocation."""
+    k = 24
+    x = (RNG.normal(size=(64, 6)) @ RNG.normal(size=(6, k)) + 0.1 * RNG.normal(size=(64, k))).astype(
+        np.float32
+    )
+    w1, w2 = RNG.normal(size=(k, 16)), RNG.normal(size=(16, 8))
+    ref = _run(_mlp(w1, w2), {"x": x})[0]
+    errors = {}
+    for method in ("wanda", "sparsegpt"):
+        model = _mlp(w1, w2)
+        opts = {"method": method, "scope": "global", "sparsity": 0.7, "min_size": 0, "reconstruct": True,
+                "allocation": "threshold", "calibration_samples": 8}  # fmt: skip
+        create_pass("prune", opts).run(model, PassContext(calibration=_calib(x)))
+        errors[method] = float(np.mean((_run(model, {"x": x})[0] - ref) ** 2))
+    assert errors["sparsegpt"] <= errors["wanda"]

@@ -52,6 +52,30 @@ def test_mnist_data_aware_pruning_beats_magnitude(zoo_dir: Path) -> None:
     assert accs["wanda+refit"] >= base - 0.02
 
 
+def test_mnist_80_percent_loses_at_most_one_point(zoo_dir: Path) -> None:
+    """Issue target: 80 % unstructured sparsity, data-aware (SparseGPT + sequential refit, default
+    sensitivity allocation), calibrated on the first 200 digits only; scored on the other 9 800
+    (the benchmark split; -0.89 points today, so the margin is thin: on the first 2 000 of them the
+    loss is 1.05 points)."""
+    x, y = _mnist(zoo_dir, 10000)
+    xc, xe, ye = x[:200], x[200:], y[200:]
+    base = _top1(load_model(zoo_dir / "mnist" / "mnist.onnx"), xe, ye)
+    model = load_model(zoo_dir / "mnist" / "mnist.onnx")
+    opts = {
+        "method": "sparsegpt",
+        "scope": "global",
+        "reconstruct": True,
+        "sparsity": 0.8,
+        "calibration_samples": 200,
+    }
+    result = create_pass("prune", opts).run(
+        model, PassContext(calibration=lambda: ({"Input3": xc[i : i + 1]} for i in range(200)))
+    )
+    assert result.details["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert "allocation_sensitivity" in result.details
+    assert _top1(model, xe, ye) >= base - 0.01
+
+
 def _squeezenet_fp32(zoo: Path) -> ir.Model:
     proto = onnx.load(str(zoo / "squeezenet1.1-fp16" / "SqueezeNet_fp16.onnx"))
     for t in proto.graph.initializer:
