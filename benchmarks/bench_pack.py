@@ -13,8 +13,9 @@ For every model of ../shared/zoo and the PyPI zoo models:
 Calibration samples are random tensors of the declared input shapes: they set activation ranges, which
 change accuracy but not weight bytes, and accuracy is not what this script measures.
 
-Run: ``python benchmarks/bench_pack.py [--runs 10] [--models name ...] [--no-cold] [--quick]``; prints
-markdown tables and writes ``benchmarks/results/pack.json``.
+Run: ``python benchmarks/bench_pack.py [--runs 10] [--models name ...] [--no-cold] [--quick] [--merge]``;
+prints markdown tables and writes ``benchmarks/results/pack.json`` (``--merge`` keeps the rows of the
+models not run).
 """
 
 from __future__ import annotations
@@ -288,6 +289,7 @@ def cold_start(
     times: dict[str, list[float]] = {"plain": [], "packed": []}
     loads: dict[str, list[float]] = {"plain": [], "packed": []}
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    load_start = os.getloadavg()[0]
     for _ in range(runs):
         for kind, path in (("plain", plain), ("packed", packed)):
             t = time.perf_counter()
@@ -308,6 +310,7 @@ def cold_start(
         "runs": runs,
         "load_session_plain_ms": round(statistics.median(loads["plain"]) * 1000, 1),
         "load_session_packed_ms": round(statistics.median(loads["packed"]) * 1000, 1),
+        "load_avg_1min_start": round(load_start, 2),
         "load_avg_1min": round(os.getloadavg()[0], 2),
     }
 
@@ -418,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--print", dest="print_only", action="store_true", help="print the tables of the last JSON"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of models not run from the existing JSON (replace only those run)",
+    )
     args = parser.parse_args(argv)
     if args.print_only:
         data = json.loads(RESULTS.read_text())
@@ -432,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         paths = {k: v for k, v in paths.items() if v.stat().st_size < 5 << 20}
     results: dict[str, Any] = {"sizes": [], "cold_start": {}, "sparse": [], "python": sys.version.split()[0]}
+    global _MERGE_BASE
+    _MERGE_BASE = json.loads(RESULTS.read_text()) if args.merge and RESULTS.is_file() else None
     with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
         work = Path(tmp)
         for name, src in paths.items():
@@ -471,15 +481,32 @@ def main(argv: list[str] | None = None) -> int:
                     tensors[f"{name}:{big.name}"] = big.const_value.numpy().astype(np.float32)
             results["sparse"] = sparse_crossover(tensors)
             results["crossover"] = crossover(results["sparse"])
-    print_tables(results)
     _save(results)
+    print_tables(_merged(results))
     print(f"\nwrote {RESULTS.relative_to(REPO)}")
     return 0
 
 
+#: the previous JSON when run with ``--merge``: rows of models not run this time are kept
+_MERGE_BASE: dict[str, Any] | None = None
+
+
+def _merged(results: dict[str, Any]) -> dict[str, Any]:
+    if _MERGE_BASE is None:
+        return results
+    out = dict(_MERGE_BASE)
+    run = {r["model"] for r in results["sizes"]}
+    out["sizes"] = [r for r in _MERGE_BASE.get("sizes", []) if r["model"] not in run] + results["sizes"]
+    out["cold_start"] = {**_MERGE_BASE.get("cold_start", {}), **results["cold_start"]}
+    for key, value in results.items():
+        if key not in ("sizes", "cold_start") and value:
+            out[key] = value
+    return out
+
+
 def _save(results: dict[str, Any]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, default=str))
+    RESULTS.write_text(json.dumps(_merged(results), indent=2, default=str))
 
 
 def print_tables(results: dict[str, Any]) -> None:

@@ -3,13 +3,17 @@
 An artifact is a zip file holding ``manifest.json``, the model protobuf and, when the model has
 external data, that data file (tensors whose layout the manifest marks as sparse or nibble-packed are
 cut out of it and stored in a side member, then decoded here). :func:`load_session` decompresses
-everything in memory, checks the sha256 of every member and of the rebuilt data file, and hands the
-bytes to ONNX Runtime (``SessionOptions.add_external_initializers_from_files_in_memory``): nothing is
-written to disk. :func:`unpack` writes the plain ``.onnx`` (+ data file) back, atomically.
+everything in memory, checks the sha256 of every member, and hands the bytes to ONNX Runtime without
+writing anything to disk: large data files as OrtValues viewing the verified buffer (the initializers'
+offsets come from a minimal protobuf walk of the model; ``add_external_initializers``, no copy), small
+ones with ``add_external_initializers_from_files_in_memory``. The members holding only dense tensor
+bytes are hashed in a thread while ONNX Runtime builds the session (it releases the GIL); the session
+is returned only when they pass. :func:`unpack` writes the plain ``.onnx`` (+ data file) back,
+atomically, after checking everything including the rebuilt data file.
 
 Solid artifacts (the manifest's ``solid`` table) hold the files back to back in one or more members:
-they are read into one buffer (stored members straight from the file, deflated ones inflated by a
-thread pool: zlib and sha256 release the GIL) and cut into files without copies; sparse/shuffled
+they are read into one buffer (stored members straight from the file, deflated ones inflated by
+threads: zlib and sha256 release the GIL) and cut into files without copies; sparse/shuffled
 regions are decoded in place right behind the dense data bytes.
 
 Every member is checked before a byte is decompressed: names must be relative and stay inside the
@@ -313,9 +317,15 @@ def _fetch_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> byt
 
 
 def _decode_member(
-    info: zipfile.ZipInfo, fetched: bytes | Callable[[], bytes], entry: dict[str, Any], where: str
+    info: zipfile.ZipInfo,
+    fetched: bytes | Callable[[], bytes],
+    entry: dict[str, Any],
+    where: str,
+    *,
+    check_sha: bool = True,
 ) -> bytes:
-    """Decompress one fetched member and check its size and sha256 against the manifest."""
+    """Decompress one fetched member and check its size and sha256 against the manifest (the sha256
+    is left to the caller when ``check_sha`` is false)."""
     name = info.filename
     encoding = entry.get("encoding", "zip")
     try:
@@ -332,13 +342,55 @@ def _decode_member(
         raise ArtifactError(
             f"{where}: member {name!r} is {len(data)} bytes, the manifest says {entry['size']}; refusing it"
         )
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ArtifactError(f"{where}: member {name!r} fails its sha256 check; the artifact is corrupt")
+    if check_sha:
+        _check_sha(data, entry["sha256"], name, where)
     return data
+
+
+def _check_sha(data: bytes | memoryview, digest: str, name: str, where: str) -> None:
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ArtifactError(f"{where}: member {name!r} fails its sha256 check; the artifact is corrupt")
 
 
 #: Members at least this large (all together) are decoded by a thread pool.
 _PARALLEL_BYTES = 1 << 20
+
+
+def _run_all(tasks: list[Callable[[], Any]], parallel: bool) -> list[Any]:
+    """Call every task, in ``os.cpu_count()`` threads when ``parallel`` (zlib and sha256 release the
+    GIL); returns the results in order and re-raises the first error. Plain threads: importing
+    ``concurrent.futures`` alone costs ~8 ms of a cold start."""
+    workers = min(len(tasks), os.cpu_count() or 1)
+    if not parallel or workers < 2:
+        return [task() for task in tasks]
+    import threading
+
+    results: list[Any] = [None] * len(tasks)
+    errors: list[BaseException | None] = [None] * len(tasks)
+    lock = threading.Lock()
+    todo = iter(range(len(tasks)))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = tasks[i]()
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors[i] = exc
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers - 1)]
+    for t in threads:
+        t.start()
+    worker()
+    for t in threads:
+        t.join()
+    for err in errors:
+        if err is not None:
+            raise err
+    return results
 
 
 def _decode_all(
@@ -346,14 +398,9 @@ def _decode_all(
 ) -> dict[str, bytes]:
     """Decode every member, in parallel threads when there are several large ones."""
     total = sum(e["size"] for _, _, e in fetched.values())
-    workers = min(len(fetched), os.cpu_count() or 1)
-    if workers < 2 or total < _PARALLEL_BYTES:
-        return {n: _decode_member(i, f, e, where) for n, (i, f, e) in fetched.items()}
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {n: pool.submit(_decode_member, i, f, e, where) for n, (i, f, e) in fetched.items()}
-        return {n: fut.result() for n, fut in futures.items()}
+    names = list(fetched)
+    tasks = [lambda n=n: _decode_member(fetched[n][0], fetched[n][1], fetched[n][2], where) for n in names]
+    return dict(zip(names, _run_all(tasks, total >= _PARALLEL_BYTES), strict=True))
 
 
 def _int(region: dict[str, Any], key: str, where: str) -> int:
@@ -567,19 +614,26 @@ def _read_solid(
     chunks: list[str],
     extra: int,
     where: str,
+    deferred: list[tuple[str, memoryview, str]] | None = None,
+    defer_range: tuple[int, int] = (0, 0),
 ) -> memoryview:
     """The solid members back to back in one buffer (plus ``extra`` zero bytes behind them): Stored
     members are read straight into place, the others inflated (in parallel threads) and copied in;
-    the size and sha256 of every member are checked."""
+    the size and sha256 of every member are checked. Members that lie wholly inside ``defer_range``
+    (bytes of the solid stream) have their sha256 appended to ``deferred`` instead, when given."""
     total = sum(entries[c]["size"] for c in chunks)
     # np.empty: no zero-filling pass (every byte is written below or by the region decoder)
     buf = memoryview(np.empty(total + extra, dtype=np.uint8)).cast("B")
-    jobs: list[tuple[zipfile.ZipInfo, bytes | Callable[[], bytes] | None, dict[str, Any], memoryview]] = []
+    tasks: list[Callable[[], None]] = []
     pos = 0
     for name in chunks:
         info, entry = infos[name], entries[name]
         target = buf[pos : pos + entry["size"]]
+        later = deferred is not None and defer_range[0] <= pos and pos + entry["size"] <= defer_range[1]
         pos += entry["size"]
+        if later:
+            assert deferred is not None
+            deferred.append((name, target, entry["sha256"]))
         direct = (
             info.compress_type == zipfile.ZIP_STORED
             and entry.get("encoding", "zip") == "zip"
@@ -593,33 +647,55 @@ def _read_solid(
                 raise ArtifactError(
                     f"{where}: member {name!r} is corrupt ({exc}); re-create the artifact"
                 ) from exc
-            jobs.append((info, None, entry, target))
+            if not later:
+                tasks.append(lambda t=target, e=entry, n=name: _check_sha(t, e["sha256"], n, where))
         else:
-            jobs.append((info, _fetch_member(zf, info, where), entry, target))
+            fetched = _fetch_member(zf, info, where)
 
-    def work(
-        job: tuple[zipfile.ZipInfo, bytes | Callable[[], bytes] | None, dict[str, Any], memoryview],
-    ) -> None:
-        info, fetched, entry, target = job
-        if fetched is None:
-            if hashlib.sha256(target).hexdigest() != entry["sha256"]:
-                raise ArtifactError(
-                    f"{where}: member {info.filename!r} fails its sha256 check; the artifact is corrupt"
-                )
-        else:
-            target[:] = _decode_member(info, fetched, entry, where)
+            def inflate(i=info, f=fetched, e=entry, t=target, check=not later) -> None:
+                t[:] = _decode_member(i, f, e, where, check_sha=check)
 
-    workers = min(len(jobs), os.cpu_count() or 1)
-    if workers < 2 or total < _PARALLEL_BYTES:
-        for job in jobs:
-            work(job)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for fut in [pool.submit(work, job) for job in jobs]:
-                fut.result()
+            tasks.append(inflate)
+    _run_all(tasks, total >= _PARALLEL_BYTES)
     return buf
+
+
+def _hash_later(deferred: list[tuple[str, memoryview, str]], where: str) -> Callable[[], None]:
+    """Start checking the sha256 of ``deferred`` members in a background thread (hashlib releases the
+    GIL, so it overlaps ONNX Runtime building the session); the returned callable waits for it and
+    raises :class:`ArtifactError` if a member fails its check."""
+    if not deferred:
+        return lambda: None
+    import threading
+
+    failed: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            for name, view, digest in deferred:
+                _check_sha(view, digest, name, where)
+        except BaseException as exc:  # re-raised by wait()
+            failed.append(exc)
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
+
+
+def _dense_range(solid: dict[str, Any], ext: Any) -> tuple[int, int]:
+    """Where the dense tensor bytes lie in the solid stream ((0, 0) when they are not a solid part)."""
+    pos = 0
+    for part in solid["parts"]:
+        if isinstance(ext, dict) and part["name"] == ext.get("dense_member"):
+            return pos, pos + part["size"]
+        pos += part["size"]
+    return 0, 0
 
 
 def _fetch_into(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: memoryview) -> None:
@@ -643,6 +719,17 @@ def read_artifact(
 
     ``verify_data`` also checks the sha256 of the data file rebuilt from sparse/shuffled regions (it
     guards the decoders, not the artifact: every member it is built from is already checked)."""
+    return _read_artifact(path, max_unpacked_bytes, verify_data, None)
+
+
+def _read_artifact(
+    path: str | os.PathLike[str],
+    max_unpacked_bytes: int | None,
+    verify_data: bool,
+    deferred: list[tuple[str, memoryview, str]] | None,
+) -> UnpackedArtifact:
+    """:func:`read_artifact`; with ``deferred``, the sha256 of the solid members holding only dense
+    tensor bytes is left to the caller (appended there), every other member is checked here."""
     p = Path(path)
     limit = _max_bytes(max_unpacked_bytes)
     where = str(p)
@@ -690,7 +777,9 @@ def read_artifact(
         whole: memoryview | None = None
         if solid is not None:
             extra = _room_for_regions(solid, ext)
-            whole = _read_solid(zf, infos, entries, solid["members"], extra, where)
+            whole = _read_solid(
+                zf, infos, entries, solid["members"], extra, where, deferred, _dense_range(solid, ext)
+            )
     blobs: dict[str, bytes | memoryview] = dict(_decode_all(fetched, where))
     if solid is not None and whole is not None:  # cut the verified solid members into their files
         pos = 0
@@ -710,6 +799,178 @@ def read_artifact(
         file_name, data = _rebuild_data(ext, blobs, digests, where, verify=verify_data, dest=dest)
         files[file_name] = data
     return UnpackedArtifact(manifest, model_name, bytes(blobs[model_name]), files)
+
+
+#: External data at least this large goes to ONNX Runtime as OrtValues viewing the verified buffer
+#: (``add_external_initializers``: no copy; ``add_external_initializers_from_files_in_memory`` copies
+#: every tensor, ~25 ms of a 17 MB model's cold start); below it the ~2 ms protobuf walk costs more.
+_ORTVALUE_BYTES = 4 << 20
+#: ONNX ``TensorProto.DataType`` -> numpy dtype, for the types ONNX Runtime takes as numpy-backed OrtValues
+_ONNX_NP = {
+    1: "<f4", 2: "u1", 3: "i1", 4: "<u2", 5: "<i2", 6: "<i4", 7: "<i8", 9: "?", 10: "<f2", 11: "<f8",
+    12: "<u4", 13: "<u8",
+}  # fmt: skip
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    if pos < len(buf) and buf[pos] < 0x80:  # fast path: one byte
+        return buf[pos], pos + 1
+    shift = value = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: bytes, start: int = 0, end: int | None = None) -> Any:
+    """Yield ``(field number, wire type, value)`` of a protobuf message: varints as ints,
+    length-delimited fields as ``(start, end)`` offsets into ``buf``; fixed-width values skipped."""
+    pos, end = start, len(buf) if end is None else end
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield field, wire, value
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("truncated field")
+            yield field, wire, (pos, pos + n)
+            pos += n
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated message")
+
+
+def _initializer_spans(buf: bytes, pos: int, end: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` of every ``initializer`` (field 5) of the GraphProto in ``buf[pos:end]``,
+    skipping the other fields (nodes, value_info) by their length without decoding them."""
+    spans = []
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("truncated field")
+            if key >> 3 == 5:
+                spans.append((pos, pos + n))
+            pos += n
+        elif wire == 0:
+            pos = _varint(buf, pos)[1]
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated message")
+    return spans
+
+
+def _external_initializers(model: bytes) -> list[tuple[str, int, list[int], dict[str, str]]]:
+    """The main-graph initializers of a ModelProto that keep their bytes in external data:
+    ``(name, data_type, dims, external_data)``. A minimal protobuf walk (ModelProto.graph = 7,
+    GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2, name = 8, external_data = 13,
+    data_location = 14), so that this module needs no ``onnx``. Raises ValueError on malformed bytes."""
+    out = []
+    try:
+        for field, wire, graph in _fields(model):
+            if field == 7 and wire == 2:
+                for tensor in _initializer_spans(model, *graph):
+                    parsed = _tensor_header(model, *tensor)
+                    if parsed is not None:
+                        out.append(parsed)
+    except IndexError as exc:
+        raise ValueError("truncated message") from exc
+    return out
+
+
+def _tensor_header(buf: bytes, pos: int, end: int) -> tuple[str, int, list[int], dict[str, str]] | None:
+    """``(name, data_type, dims, external_data)`` of the TensorProto in ``buf[pos:end]`` when its
+    data is external, else None (one flat loop: this runs once per initializer of a cold start)."""
+    name, dtype, dims, ext, location = "", 0, [], {}, 0
+    while pos < end:
+        key = buf[pos]
+        key, pos = (key, pos + 1) if key < 0x80 else _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = buf[pos]
+            value, pos = (value, pos + 1) if value < 0x80 else _varint(buf, pos)
+            if field == 1:
+                dims.append(value)
+            elif field == 2:
+                dtype = value
+            elif field == 14:
+                location = value
+        elif wire == 2:
+            n = buf[pos]
+            n, pos = (n, pos + 1) if n < 0x80 else _varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("truncated field")
+            if field == 8:
+                name = buf[pos : pos + n].decode("utf-8")
+            elif field == 13:
+                kv = {f: buf[v[0] : v[1]].decode("utf-8") for f, w, v in _fields(buf, pos, pos + n) if w == 2}
+                ext[kv.get(1, "")] = kv.get(2, "")
+            elif field == 1:  # packed dims
+                p = pos
+                while p < pos + n:
+                    d, p = _varint(buf, p)
+                    dims.append(d)
+            pos += n
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated message")
+    return (name, dtype, dims, ext) if location == 1 else None
+
+
+def _initializer_values(
+    model: bytes, files: dict[str, bytes | bytearray | memoryview]
+) -> tuple[list[str], list[Any], bool]:
+    """OrtValues viewing (no copy) the bytes of every main-graph initializer stored in ``files``, and
+    whether they cover all of them (tensors of other types, odd offsets or entries that do not fit
+    their file are left to ``add_external_initializers_from_files_in_memory``)."""
+    try:
+        tensors = _external_initializers(model)
+    except (ValueError, UnicodeDecodeError):
+        return [], [], False  # ONNX Runtime reports malformed protobufs itself
+    arrays = {name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()}
+    names: list[str] = []
+    values: list[Any] = []
+    complete = True
+    for name, dtype, dims, ext in tensors:
+        data = arrays.get(ext.get("location", ""))
+        np_dtype = _ONNX_NP.get(dtype)
+        if data is None or np_dtype is None or not ext.get("length", "").isdigit():
+            complete = False
+            continue
+        offset, length = int(ext.get("offset", "0") or "0"), int(ext["length"])
+        itemsize = np.dtype(np_dtype).itemsize
+        count = 1
+        for d in dims:
+            count *= d
+        if offset + length > data.size or length != count * itemsize or offset % itemsize:
+            complete = False
+            continue
+        arr = data[offset : offset + length].view(np_dtype).reshape(dims)
+        names.append(name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+    # external tensors elsewhere (subgraphs, Constant nodes) each carry a "location" entry too
+    if model.count(b"\n\x08location") > len(tensors):
+        complete = False
+    return names, values, complete
 
 
 def _session_options(sess_options: ort.SessionOptions | None, options: dict[str, Any]) -> ort.SessionOptions:
@@ -732,9 +993,11 @@ def load_session(
 ) -> ort.InferenceSession:
     """An ``onnxruntime.InferenceSession`` on a packed artifact or a plain ``.onnx`` file.
 
-    Artifacts are decompressed and verified in memory; their external data goes to ONNX Runtime with
-    ``add_external_initializers_from_files_in_memory``. Extra keyword arguments are set as attributes
-    of the ``SessionOptions`` (e.g. ``intra_op_num_threads=1``).
+    Artifacts are decompressed and verified in memory (sha256 of every member; the dense-only ones
+    while the session is built); their external data goes to ONNX Runtime as OrtValues on that
+    memory (kept alive by the session) or as in-memory files. Extra keyword arguments are set as
+    attributes of the ``SessionOptions`` (e.g. ``intra_op_num_threads=1``); a ``sess_options`` passed
+    in receives the initializers and must not be reused for another model.
     """
     p = Path(path)
     so = _session_options(sess_options, session_options)
@@ -743,9 +1006,21 @@ def load_session(
         raise ArtifactError(f"{p}: no such model or artifact file; check the path")
     if p.suffix.lower() == ".onnx" or not zipfile.is_zipfile(p):
         return ort.InferenceSession(str(p), sess_options=so, providers=provs)
-    art = read_artifact(p, max_unpacked_bytes=max_unpacked_bytes, verify_data=False)
-    buffers = [np.frombuffer(data, dtype=np.uint8) for data in art.files.values()]
-    if art.files:
+    # the model protobuf, the manifest and every member not holding only dense tensor bytes are
+    # verified before ONNX Runtime sees anything; the dense-only members are hashed in a thread while
+    # it builds the session, and the session is returned only when they pass too
+    deferred: list[tuple[str, memoryview, str]] = []
+    art = _read_artifact(p, max_unpacked_bytes, False, deferred)
+    wait = _hash_later(deferred, str(p))
+    names: list[str] = []
+    values: list[Any] = []
+    complete = not art.files
+    if art.files and sum(len(d) for d in art.files.values()) >= _ORTVALUE_BYTES:
+        names, values, complete = _initializer_values(art.model_bytes, art.files)
+    if names:  # OrtValues on the verified buffer: ONNX Runtime copies nothing
+        so.add_external_initializers(names, values)
+    if not complete:
+        buffers = [np.frombuffer(data, dtype=np.uint8) for data in art.files.values()]
         so.add_external_initializers_from_files_in_memory(
             list(art.files), buffers, [int(b.size) for b in buffers]
         )
@@ -754,11 +1029,15 @@ def load_session(
     empty = tempfile.mkdtemp(prefix="onnxcomp-nodata-")
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
     try:
-        return ort.InferenceSession(art.model_bytes, sess_options=so, providers=provs)
+        sess = ort.InferenceSession(art.model_bytes, sess_options=so, providers=provs)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        wait()  # a corrupt member explains the failure better than ONNX Runtime's message
         raise ArtifactError(f"{p}: ONNX Runtime cannot load the packed model ({exc})") from exc
     finally:
         os.rmdir(empty)
+    wait()
+    sess._onnxcomp_initializers = values  # the session uses their memory: keep it alive
+    return sess
 
 
 def unpack(

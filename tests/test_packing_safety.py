@@ -290,3 +290,35 @@ def test_external_data_outside_the_artifact_is_not_read(
         art = _write(tmp_path / "evil.zip", manifest, [("model.onnx", data)])
         with pytest.raises(ArtifactError, match="cannot load the packed model"):
             load_session(art)
+
+
+def test_corrupt_dense_member_hashed_during_session_creation_is_refused(tmp_path: Path) -> None:
+    """load_session hashes the members holding only dense tensor bytes while ONNX Runtime builds the
+    session; a bad one still refuses the artifact (no session is returned)."""
+    from onnxcomp.packing import PackConfig
+    from onnxcomp.runtime import _read_artifact
+
+    rng = np.random.default_rng(3)
+    codes = np.clip(np.rint(rng.standard_normal((256, 512)) * 20), -127, 127).astype(np.int8)
+    model = ir.from_onnx_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,256] x) => (float[1,512] y) <int8[256,512] C, float s> {
+            w = DequantizeLinear(C, s)
+            y = MatMul(x, w)
+        }""",
+        initializers=[ir.tensor(codes, name="C"), ir.tensor(np.array(0.01, np.float32), name="s")],
+    )
+    good = tmp_path / "good.zip"
+    pack_model(model, good, config=PackConfig(solid_chunk_bytes=1 << 16))
+    deferred: list[Any] = []
+    _read_artifact(good, None, False, deferred)
+    assert len(deferred) >= 2  # the check below exercises the deferred path
+    assert load_session(good).run(None, {"x": np.ones((1, 256), np.float32)})[0].shape == (1, 512)
+    last = deferred[-1][0]
+
+    def corrupt(manifest: dict[str, Any], items: list[tuple[Any, bytes]]) -> None:
+        for k, (info, data) in enumerate(items):
+            if info.filename == last:
+                items[k] = (info, data[:100] + bytes([data[100] ^ 0x01]) + data[101:])
+
+    _refused(_mutate(good, tmp_path / "bad.zip", corrupt), f"{last}.*sha256")
