@@ -125,6 +125,12 @@ class QuantizeConfig:
     #: weight-only / dynamic: also store Gather embedding tables as int8 with one scale per row
     #: (``Gather(E, i) -> Gather(E_q, i) · Gather(s, i)``; only the gathered rows are dequantized).
     quantize_embeddings: bool = False
+    #: weight-only: how int8 codes become float weights. "graph": DequantizeLinear in the graph (runs on
+    #: every inference on ONNX Runtime CPU; what TensorRT and runtimes with weight-only kernels want);
+    #: "load": ``Mul(Cast(q), s)``, which ONNX Runtime folds once when the session is created (float
+    #: speed, int8-sized file); "auto": "load" for symmetric per-channel/per-tensor 8-bit codes when the
+    #: target is ONNX Runtime (or none), else "graph".
+    weight_decode: Literal["auto", "graph", "load"] = "auto"
     #: also store LSTM/GRU/RNN weights and Conv/MatMul/Gemm weights inside If/Loop/Scan bodies as
     #: int8 codes (weight-only, per channel, ``s_c = max|W_c| / 127``); activations there stay float.
     remaining_weights: bool = True
@@ -958,6 +964,37 @@ def _dq_weight(
     return out, node
 
 
+def _load_decodable(qw: _QWeight, dtype: ir.DataType, layer_dtype: ir.DataType) -> bool:
+    """``Mul(Cast(q), s)`` form: int8 codes, zero point 0, one scale per tensor or per channel."""
+    return (
+        dtype == ir.DataType.INT8
+        and layer_dtype == ir.DataType.FLOAT
+        and not qw.block_size
+        and not np.any(np.asarray(qw.zp))
+    )
+
+
+def _cast_mul_weight(
+    graph: ir.Graph, names: _Names, base: str, qw: _QWeight, dtype: ir.DataType
+) -> tuple[ir.Value, list[ir.Node], int]:
+    """``W = Cast(q, FLOAT) · s`` (s broadcast along the channel axis): the same float32 values as
+    ``DequantizeLinear(q, s, 0)``, but ONNX Runtime constant-folds it when the session is created."""
+    codes = _container_array(qw.codes, dtype)
+    scale = np.asarray(qw.scale, np.float32)
+    if qw.axis is not None and scale.ndim:
+        axis = qw.axis % codes.ndim
+        scale = scale.reshape([-1 if i == axis else 1 for i in range(codes.ndim)])
+    wq = _const(graph, names, f"{base}_quantized", codes, dtype)
+    s = _const(graph, names, f"{base}_scale", scale)
+    cast_out = ir.Value(name=names.new(f"{base}_cast"))
+    out = ir.Value(name=names.new(f"{base}_dequantized"))
+    nodes = [
+        ir.node("Cast", [wq], {"to": ir.DataType.FLOAT}, outputs=[cast_out], name=names.new(f"{base}_Cast")),
+        ir.node("Mul", [cast_out, s], outputs=[out], name=names.new(f"{base}_Mul")),
+    ]
+    return out, nodes, 4
+
+
 def _dq_weight_typed(
     graph: ir.Graph,
     names: _Names,
@@ -1094,6 +1131,11 @@ class QuantizePass(Pass):
         names = _Names(graph)
         signed = cfg.symmetric_weights
         grid = qn.QGrid(cfg.bits, signed=signed, symmetric=cfg.symmetric_weights)
+        decode_at_load = cfg.weight_decode == "load" or (
+            cfg.weight_decode == "auto"
+            and getattr(ctx.target, "runtime", "onnxruntime") == "onnxruntime"
+            and cfg.method != "seed-uniform"  # the seed-003 grid is kept as written (DequantizeLinear)
+        )
         report: list[dict[str, Any]] = []
         before = after = 0
         cache: dict[tuple[str, str], ir.Value] = {}
@@ -1152,9 +1194,12 @@ class QuantizePass(Pass):
                             layer, w, grid, cfg, block_size=block, stats=stats.get(layer.name)
                         )
                         dtype = _weight_container(qw.grid.bits, qw.grid.signed)
-                        out, dq_nodes, scale_bytes = _dq_weight_typed(
-                            graph, names, base, qw, dtype, layer.dtype, opset
-                        )
+                        if decode_at_load and _load_decodable(qw, dtype, layer.dtype):
+                            out, dq_nodes, scale_bytes = _cast_mul_weight(graph, names, base, qw, dtype)
+                        else:
+                            out, dq_nodes, scale_bytes = _dq_weight_typed(
+                                graph, names, base, qw, dtype, layer.dtype, opset
+                            )
                         graph.extend(dq_nodes)
                         dq_cache[key] = (out, qw)
                         after += math.ceil(w.size * _bits_of(dtype) / 8) + qw.scale.size * scale_bytes
