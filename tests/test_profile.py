@@ -125,8 +125,8 @@ def test_rapl_counters_from_a_powercap_tree(tmp_path) -> None:
 
 def test_profile_side_by_side_flags_the_slower_model(tmp_path) -> None:
     fast, slow = tmp_path / "fast.onnx", tmp_path / "slow.onnx"
-    matmul_chain(fast, 1)
-    matmul_chain(slow, 12)
+    matmul_chain(fast, 1, n=256)  # large enough that compute, not per-call overhead, sets the time
+    matmul_chain(slow, 12, n=256)
     report = profile_models(
         [fast, slow], settings=ProfileSettings(isolate=False, batches=(1, 4), threads=1, **FAST)
     )
@@ -144,7 +144,7 @@ def test_profile_side_by_side_flags_the_slower_model(tmp_path) -> None:
     ops = {o["op_type"]: o for o in cand["op_types"]}
     assert ops["MatMul"]["nodes"] == 12 and ops["MatMul"]["percent"] > 50
     assert cand["kernel_ms_per_run"] > base["kernel_ms_per_run"] > 0
-    assert base["inputs"] == {"x": {"dtype": "float32", "shape": [1, 96]}}
+    assert base["inputs"] == {"x": {"dtype": "float32", "shape": [1, 256]}}
     assert base["session_create_s"] > 0 and base["first_run_ms"] > 0
     assert base["latency_ms"]["n"] >= 10 and len(base["samples_ms"]) == base["latency_ms"]["n"]
     assert base["latency_ms"]["p50"] == pytest.approx(statistics.median(base["samples_ms"]), rel=1e-3)
