@@ -266,18 +266,25 @@ def _zstd_decompress(payload: bytes, size: int, where: str) -> bytes:
         raise ArtifactError(f"{where}: corrupt zstd data ({exc})") from exc
 
 
-def _fetch(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes | None:
-    """The compressed bytes of a Stored/Deflate member (read straight from the file); None for other
-    methods, which go through ``zipfile``."""
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or zf.fp is None:
-        return None
+def _seek_to_data(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
+    """The archive's file object, positioned at the first byte of ``info``'s (compressed) data."""
     fp = zf.fp
+    assert fp is not None
     fp.seek(info.header_offset)
     header = fp.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     fp.seek(info.header_offset + 30 + name_len + extra_len)
+    return fp
+
+
+def _fetch(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes | None:
+    """The compressed bytes of a Stored/Deflate member (read straight from the file); None for other
+    methods, which go through ``zipfile``."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or zf.fp is None:
+        return None
+    fp = _seek_to_data(zf, info)
     comp = fp.read(info.compress_size)
     if len(comp) != info.compress_size:
         raise zipfile.BadZipFile(f"{info.filename!r} is truncated")
@@ -700,14 +707,7 @@ def _dense_range(solid: dict[str, Any], ext: Any) -> tuple[int, int]:
 
 def _fetch_into(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: memoryview) -> None:
     """Read a Stored member's bytes straight into ``target``."""
-    assert zf.fp is not None
-    fp = zf.fp
-    fp.seek(info.header_offset)
-    header = fp.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    fp.seek(info.header_offset + 30 + name_len + extra_len)
+    fp = _seek_to_data(zf, info)
     if fp.readinto(target) != len(target):
         raise zipfile.BadZipFile(f"{info.filename!r} is truncated")
 
