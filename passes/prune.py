@@ -899,9 +899,10 @@ class PrunePass(Pass):
                 return self._choose(model, ctx)
             return self._run(model, ctx)
 
-    def _layer_count(self, model: ir.Model) -> int:
+    def _find_layers(self, model: ir.Model) -> tuple[list[Layer], list[dict[str, str]]]:
+        """The layers this configuration prunes (and the skipped ones, with reasons)."""
         cfg: PruneConfig = self.config
-        layers, _ = find_layers(
+        return find_layers(
             model,
             op_types=cfg.op_types,
             min_size=cfg.min_size,
@@ -910,7 +911,9 @@ class PrunePass(Pass):
             skip_first=cfg.skip_first,
             skip_last=cfg.skip_last,
         )
-        return len(layers)
+
+    def _layer_count(self, model: ir.Model) -> int:
+        return len(self._find_layers(model)[0])
 
     def _choose(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Sensitivity allocation with a safeguard against non-additive errors: prune (sequential
@@ -1083,15 +1086,7 @@ class PrunePass(Pass):
     def _run(self, model: ir.Model, ctx: PassContext, counts: list[int] | None = None) -> PassResult:
         cfg: PruneConfig = self.config
         folded = fold_weight_reshapes(model, cfg.op_types)
-        layers, skipped = find_layers(
-            model,
-            op_types=cfg.op_types,
-            min_size=cfg.min_size,
-            include=cfg.include,
-            exclude=cfg.exclude,
-            skip_first=cfg.skip_first,
-            skip_last=cfg.skip_last,
-        )
+        layers, skipped = self._find_layers(model)
         for graph in list(_subgraphs(model)):
             if any(n.op_type in cfg.op_types for n in graph):
                 skipped.append(
