@@ -3,8 +3,9 @@
 Models (../shared/zoo and PyPI): mnist, squeezenet1.1 (converted to fp32), paraphrase-MiniLM-L3, open-nsfw.
 Each quantizer runs in its own subprocess (wall time = load + quantize + save after imports; RSS = VmHWM,
 and its rise over VmRSS after imports), ``--repeats`` times interleaved (medians); every
-model is then timed in this process, variants interleaved round by round (ORT CPU, 2 threads):
-latency at batch 1 (median of >= 50 runs) and throughput at batch 8.
+model is then timed in this process, variants interleaved within each of 15 rounds (ORT CPU, 2 threads):
+latency at batch 1 and throughput at batch 8 (medians of >= 20 ms blocks; speed-ups are medians of the
+per-round ratios to fp32).
 
     python benchmarks/bench_quantize.py                # all models (a few minutes)
     python benchmarks/bench_quantize.py --model mnist  # one model
@@ -269,6 +270,7 @@ VARIANTS: dict[str, list[str]] = {
         "oc-default",
         "oc-static-entropy",
         "oc-static-gptq-bc",
+        "oc-w4-rtn",
         "oc-w4-gptq",
         "oc-fp16",
     ],
@@ -297,6 +299,7 @@ VARIANTS: dict[str, list[str]] = {
         "oc-dynamic",
         "ort-matmulnbits-4",
         "oc-nbits4-rtn",
+        "oc-nbits4-gptq",
         "oc-dynamic-emb",
         "oc-nbits4-gptq-emb",
         "oc-w4-gptq",
@@ -556,29 +559,70 @@ def bench_model(
             row["error"] = "ORT cannot load it: " + str(exc).splitlines()[0][-160:]
     ref = _outputs(sessions["fp32"], d["eval"], d["metric"])
     one = d["eval"][0]
-    lat: dict[str, list[float]] = {v: [] for v in sessions}
-    thr: dict[str, list[float]] = {v: [] for v in sessions}
-    for s in sessions.values():  # warm-up
-        _time(s, one, 3)
-        _time(s, d["batch8"], 1)
-    for _ in range(5):  # rounds, variants interleaved
-        for v, s in sessions.items():
-            lat[v] += _time(s, one, 10)
-            thr[v] += [8 / t for t in _time(s, d["batch8"], 3)]
+    timing = _time_interleaved(sessions, one, d["batch8"])
     for row in rows:
         v = row["variant"]
         if v not in sessions:
             continue
         outs = ref if v == "fp32" else _outputs(sessions[v], d["eval"], d["metric"])
         row.update(_metric(d["metric"], outs, ref, d["labels"]))
-        row["latency_ms"] = float(np.median(lat[v]) * 1e3)
-        row["throughput_b8"] = float(np.median(thr[v]))
-    base = next(r for r in rows if r["variant"] == "fp32")
+        row.update(timing[v])
+    floor = _ort_session_floor(d["path"])
     for row in rows:
-        if "latency_ms" in row:
-            row["speedup_b1"] = base["latency_ms"] / row["latency_ms"]
-            row["speedup_b8"] = row["throughput_b8"] / base["throughput_b8"]
+        row["ort_first_session_mb"] = floor
     return rows
+
+
+def _block(sess: Any, feed: dict[str, np.ndarray], seconds: float, minimum: int) -> float:
+    """Mean seconds per run over a block of at least ``minimum`` runs lasting at least ``seconds``."""
+    n, t0 = 0, time.perf_counter()
+    while n < minimum or time.perf_counter() - t0 < seconds:
+        sess.run(None, feed)
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def _time_interleaved(
+    sessions: dict[str, Any], one: dict[str, np.ndarray], batch8: dict[str, np.ndarray], rounds: int = 15
+) -> dict[str, dict[str, float]]:
+    """Latency (batch 1) and throughput (batch 8): ``rounds`` rounds, variants interleaved within each;
+    per round and variant one timed block (>= 4 runs and >= 20 ms at batch 1, >= 2 runs and >= 20 ms at
+    batch 8). Absolute numbers are medians of the block means; speed-ups are the medians of the per-round
+    ratios to fp32 (paired: a slow moment of a shared machine hits both sides of a ratio)."""
+    for s in sessions.values():  # warm-up
+        _time(s, one, 3)
+        _time(s, batch8, 1)
+    b1: dict[str, list[float]] = {v: [] for v in sessions}
+    b8: dict[str, list[float]] = {v: [] for v in sessions}
+    for _ in range(rounds):
+        for v, s in sessions.items():
+            b1[v].append(_block(s, one, 0.02, 4))
+            b8[v].append(_block(s, batch8, 0.02, 2))
+    out: dict[str, dict[str, float]] = {}
+    for v in sessions:
+        out[v] = {
+            "latency_ms": float(np.median(b1[v]) * 1e3),
+            "throughput_b8": float(np.median([8 / t for t in b8[v]])),
+            "speedup_b1": float(np.median(np.array(b1["fp32"]) / np.array(b1[v]))),
+            "speedup_b8": float(np.median(np.array(b8["fp32"]) / np.array(b8[v]))),
+        }
+    return out
+
+
+def _ort_session_floor(model: Path) -> float:
+    """Peak RSS (MB) that creating one ONNX Runtime session on the fp32 model adds to a fresh process
+    after its imports: a fixed cost every quantizer that calibrates with ONNX Runtime pays once."""
+    code = (
+        "import numpy, onnxruntime as ort, sys\n"
+        "def vm(f):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f)) / 1024\n"
+        "base = vm('VmRSS')\n"
+        "so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.log_severity_level = 3\n"
+        "ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
+        "print(vm('VmHWM') - base)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
+    return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
 
 
 def _fmt(rows: list[dict[str, Any]]) -> str:
@@ -599,6 +643,14 @@ def _fmt(rows: list[dict[str, Any]]) -> str:
             f"{r.get('seconds', 0):.2f} | {r.get('peak_rss_mb', 0):.0f} (+{r.get('delta_rss_mb', 0):.0f}) | {r['latency_ms']:.3f} | {r['speedup_b1']:.2f} | "
             f"{r['throughput_b8']:.1f} | {r['speedup_b8']:.2f} |"
         )
+    floors = {r["model"]: r.get("ort_first_session_mb") for r in rows}
+    lines.append("")
+    lines += [
+        f"{m}: creating one ONNX Runtime session on the fp32 model adds {f:.1f} MB peak RSS to a fresh process "
+        "(a fixed cost inside every '+during quant' figure above)"
+        for m, f in floors.items()
+        if f is not None
+    ]
     return "\n".join(lines)
 
 

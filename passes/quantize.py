@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from onnxcomp.errors import CalibrationError, PassError, TargetError
 from onnxcomp.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxcomp.passes import matmul_nbits as nbits
 from onnxcomp.passes import quant_numerics as qn
 
 __all__ = ["QuantizeConfig", "QuantizePass", "host_reduce_range"]
@@ -247,17 +248,19 @@ def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.graph.opset_imports.get("", 1))
 
 
-def _ensure_opset(model: ir.Model, minimum: int) -> int | None:
+def _ensure_opset(model: ir.Model, minimum: int, *, infer: bool = True) -> int | None:
     """Convert the model's default-domain opset to at least ``minimum`` (ONNX version converter).
 
     Returns the old opset when it converted. Initializers that are also graph inputs (IR < 4) become
-    plain initializers first."""
+    plain initializers first. ``infer=False`` skips type inference when no conversion is needed (a
+    rewrite that reads only constant weights needs no activation types)."""
     _drop_initializer_inputs(model)
-    _infer_types(model)
-    changed = _canonicalize(model)
     old = _opset(model)
+    if infer or old < minimum:
+        _infer_types(model)
+    changed = _canonicalize(model)
     if old >= minimum:
-        if changed:  # rewritten values need their types again (nothing else changed them)
+        if changed and infer:  # rewritten values need their types again (nothing else changed them)
             _infer_types(model)
         return None
     proto = ir.to_proto(model)
@@ -1114,7 +1117,9 @@ class QuantizePass(Pass):
         needs = 13 if sixteen_fp or (not cfg.block_size and 5 <= cfg.bits <= 8) else 21
         if cfg.matmul_nbits:
             needs = 13
-        old = _ensure_opset(model, needs)
+        # round-to-nearest from the weights alone reads no activation types
+        data_free = cfg.method != "gptq" and not cfg.bias_correction
+        old = _ensure_opset(model, needs, infer=not data_free)
         graph = model.graph
         layers, skipped = _find_layers(graph, cfg, float16=True)
         if sixteen_fp:
@@ -1248,6 +1253,12 @@ class QuantizePass(Pass):
         ``u = q + 8`` for the symmetric grid, packed low nibble first)."""
         k, n = w.shape
         bs = cfg.block_size
+        if cfg.method != "gptq" and cfg.weight_range == "minmax":
+            packed, scale, zq = nbits.quantize_4bit_rtn(w, bs, symmetric=cfg.symmetric_weights)
+            w_hat_t = nbits.dequantize_4bit(packed, scale, zq, k)  # [N, K]
+            sqnr = qn.sqnr_db(np.ascontiguousarray(w.T), w_hat_t)
+            self._add_matmul_nbits(graph, names, layer, cfg, packed, scale, zq, k, n)
+            return w_hat_t.T, int(scale.size), sqnr
         kb = math.ceil(k / bs)
         pad = kb * bs - k
         wt = np.ascontiguousarray(w.T)  # [N, K]: one transposing copy, every reshape below is a view
@@ -1273,15 +1284,36 @@ class QuantizePass(Pass):
             codes3 += z3
             np.clip(codes3, 0, 15, out=codes3)
         packed = qn.pack_nbits(codes3.astype(np.uint8), 4)  # [N, kb, bs/2]
+        zq = None if cfg.symmetric_weights else qn.pack_nbits(zp.astype(np.uint8), 4)  # [N, ceil(kb/2)]
+        self._add_matmul_nbits(graph, names, layer, cfg, packed, scale, zq, k, n)
+        codes3 -= z3
+        codes3 *= s3
+        w_hat = codes3.reshape(n, kb * bs)[:, :k]
+        sqnr = qn.sqnr_db(wt[:, :k], w_hat)  # in the contiguous [N, K] layout
+        return w_hat.T, int(scale.size), sqnr  # w_hat: a [K, N] view
+
+    @staticmethod
+    def _add_matmul_nbits(
+        graph: ir.Graph,
+        names: _Names,
+        layer: _Layer,
+        cfg: QuantizeConfig,
+        packed: np.ndarray,
+        scale: np.ndarray,
+        zq: np.ndarray | None,
+        k: int,
+        n: int,
+    ) -> None:
+        """Replace ``layer``'s MatMul by ``MatMulNBits(x, packed, scale[, zq])`` (same output type/shape)."""
+        bs = cfg.block_size
         b = _const(graph, names, f"{layer.w.name}_nbits", packed)
         s = _const(graph, names, f"{layer.w.name}_nbits_scale", scale.astype(np.float32).reshape(-1))
         inputs = [layer.x, b, s]
-        if not cfg.symmetric_weights:
-            zq = qn.pack_nbits(zp.astype(np.uint8), 4)  # [N, ceil(kb/2)]
+        if zq is not None:
             inputs.append(_const(graph, names, f"{layer.w.name}_nbits_zp", zq.reshape(-1)))
         node = layer.node
         out = node.outputs[0]
-        new_out = ir.Value(name=names.new(f"{out.name}_nbits"))
+        new_out = ir.Value(name=names.new(f"{out.name}_nbits"), shape=out.shape, type=out.type)
         mm = ir.node(
             "MatMulNBits",
             inputs,
@@ -1295,11 +1327,6 @@ class QuantizePass(Pass):
             graph.opset_imports["com.microsoft"] = 1
         _replace_value(graph, out, new_out)
         graph.remove(node, safe=True)
-        codes3 -= z3
-        codes3 *= s3
-        w_hat = codes3.reshape(n, kb * bs)[:, :k]
-        sqnr = qn.sqnr_db(wt[:, :k], w_hat)  # in the contiguous [N, K] layout
-        return w_hat.T, int(scale.size), sqnr  # w_hat: a [K, N] view
 
     def _apply_bias_correction(
         self,

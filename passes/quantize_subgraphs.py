@@ -98,7 +98,8 @@ def _source(value: ir.Value) -> tuple[str, ir.Graph, ir.Node | None] | None:
 def _tensor(value: ir.Value, node: ir.Node | None) -> ir.TensorProtocol | None:
     if node is None:
         return value.const_value
-    return node.attributes["value"].as_tensor()
+    # ``_source`` checked the attribute type; ``as_tensor()`` would repeat it as a costly Protocol check
+    return node.attributes["value"].value
 
 
 def _quantize(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import pytest
 from onnxcomp.errors import CalibrationError, RecipeError, TargetError
 from onnxcomp.ort_session import session_from_model, session_options
 from onnxcomp.pass_base import PassContext, create_pass
+from onnxcomp.passes import matmul_nbits as nbits
 from onnxcomp.passes import quant_numerics as qn
 
 RNG = np.random.default_rng(0)
@@ -334,22 +335,67 @@ def _np_mlp_blockwise(model: ir.Model, x: np.ndarray, grid: qn.QGrid, block: int
     return np.maximum(x @ ws["w1"] + b1, 0) @ ws["w2"]
 
 
+def _np_mlp_nbits(model: ir.Model, x: np.ndarray, symmetric: bool) -> np.ndarray:
+    """numpy reference of ``mlp`` with 4-bit weights on the ``MatMulNBits`` grid (numpy formulas)."""
+    ws = {}
+    for name in ("w1", "w2"):
+        w = model.graph.initializers[name].const_value.numpy()
+        q = nbits.quantize_4bit_rtn(w, 32, symmetric=symmetric, use_mlas=False)
+        ws[name] = nbits.dequantize_4bit(*q, w.shape[0]).T
+    b1 = model.graph.initializers["b1"].const_value.numpy()
+    return np.maximum(x @ ws["w1"] + b1, 0) @ ws["w2"]
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_matmul_nbits_matches_blockwise_reference(symmetric: bool) -> None:
+def test_matmul_nbits_matches_reference_and_dequantize_linear_form(symmetric: bool) -> None:
     x = token_samples(4, k=64)
     nb = mlp(k=64)
     quantize(
         nb, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=symmetric, matmul_nbits=True
     )
     assert Counter(n.op_type for n in nb.graph)["MatMulNBits"] == 2
-    grid = qn.QGrid(4, signed=symmetric, symmetric=symmetric)
-    ref = np.concatenate([_np_mlp_blockwise(mlp(k=64), s["x"], grid, 32) for s in x])
+    ref = np.concatenate([_np_mlp_nbits(mlp(k=64), s["x"], symmetric) for s in x])
     assert np.allclose(run(nb, x), ref, atol=1e-4)
-    # DequantizeLinear(block_size) + MatMul gives the same weights; ONNX Runtime's own fusion of that
-    # pattern into MatMulNBits quantizes activations to int8 (accuracy_level 4), hence the tolerance.
+    # DequantizeLinear(block_size) + MatMul keeps the [-8, 7] grid with a positive scale; ONNX Runtime's
+    # own fusion of that pattern into MatMulNBits quantizes activations to int8, hence the tolerance
     dq = mlp(k=64)
     quantize(dq, None, mode="weight-only", bits=4, block_size=32, symmetric_weights=symmetric)
-    assert cosine(run(dq, x), ref) > 0.999
+    grid = qn.QGrid(4, signed=symmetric, symmetric=symmetric)
+    dq_ref = np.concatenate([_np_mlp_blockwise(mlp(k=64), s["x"], grid, 32) for s in x])
+    assert cosine(run(dq, x), dq_ref) > 0.999
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_nbits_grid_numpy_equals_onnxruntime_routine(symmetric: bool) -> None:
+    """The numpy formulas reproduce ONNX Runtime's MLAS 4-bit block quantizer (K not a multiple of the
+    block: zero padding); codes may differ only on rounding ties."""
+    w = np.random.default_rng(3).standard_normal((100, 48)).astype(np.float32)
+    w[:32, 0] = 0.0  # an all-zero block
+    a = nbits.quantize_4bit_rtn(w, 32, symmetric=symmetric)
+    b = nbits.quantize_4bit_rtn(w, 32, symmetric=symmetric, use_mlas=False)
+    assert np.array_equal(a[1], b[1])
+    wa, wb = nbits.dequantize_4bit(*a, 100), nbits.dequantize_4bit(*b, 100)
+    assert np.mean(wa == wb) > 0.999
+    step = np.abs(a[1]).max()
+    assert np.abs(wa - w.T).max() <= step * (1.0 if symmetric else 0.5) + 1e-6
+
+
+def test_matmul_nbits_at_least_as_accurate_as_onnxruntime_quantizer(tmp_path: Path) -> None:
+    """Same model, same 4-bit block-32 symmetric setting: our round-to-nearest ``MatMulNBits`` model is
+    at least as close to FP32 as the one ``onnxruntime.quantization.MatMulNBitsQuantizer`` writes."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    x = token_samples(4, k=64)
+    ref = run(mlp(k=64), x)
+    ours = mlp(k=64)
+    quantize(ours, None, mode="weight-only", bits=4, block_size=32, matmul_nbits=True)
+    q = MatMulNBitsQuantizer(ir.to_proto(mlp(k=64)), block_size=32, is_symmetric=True)
+    q.process()
+    theirs = ir.from_proto(q.model.model)
+    assert Counter(n.op_type for n in theirs.graph)["MatMulNBits"] == 2
+    err_ours = float(np.mean((run(ours, x) - ref) ** 2))
+    err_theirs = float(np.mean((run(theirs, x) - ref) ** 2))
+    assert err_ours <= err_theirs * (1 + 1e-6), (err_ours, err_theirs)
 
 
 # ---------------------------------------------------------------------------------- dynamic, fp16
