@@ -1146,6 +1146,7 @@ class QuantizePass(Pass):
         cache: dict[tuple[str, str], ir.Value] = {}
         dq_cache: dict[tuple[str, str], tuple[ir.Value, _QWeight]] = {}
         seen: set[str] = set()
+        appended = False  # nodes added at the graph's end need a topological sort; insert_after does not
         with ctx.progress.task("quantize weights", total=len(layers)) as step:
             for layer in layers:
                 w_stored = _const_array(layer.w)
@@ -1159,6 +1160,7 @@ class QuantizePass(Pass):
                     if key not in cache:
                         w16 = _const(graph, names, f"{base}_fp16", w.astype(np.float16))
                         out = ir.Value(name=names.new(f"{base}_fp32"))
+                        appended = True
                         graph.append(
                             ir.node(
                                 "Cast",
@@ -1206,6 +1208,7 @@ class QuantizePass(Pass):
                                 graph, names, base, qw, dtype, layer.dtype, opset
                             )
                         graph.extend(dq_nodes)
+                        appended = True
                         dq_cache[key] = (out, qw)
                         after += math.ceil(w.size * _bits_of(dtype) / 8) + qw.scale.size * scale_bytes
                     layer.node.replace_input_with(1, out)
@@ -1230,7 +1233,8 @@ class QuantizePass(Pass):
                 step(1)
         embeddings = _quantize_embeddings(graph, cfg) if cfg.quantize_embeddings else []
         _remove_unused_initializers(graph)
-        graph.sort()
+        if appended:
+            graph.sort()
         return PassResult(
             True,
             {
@@ -1256,7 +1260,7 @@ class QuantizePass(Pass):
         if cfg.method != "gptq" and cfg.weight_range == "minmax":
             packed, scale, zq = nbits.quantize_4bit_rtn(w, bs, symmetric=cfg.symmetric_weights)
             w_hat_t = nbits.dequantize_4bit(packed, scale, zq, k)  # [N, K]
-            sqnr = qn.sqnr_db(np.ascontiguousarray(w.T), w_hat_t)
+            sqnr = nbits.sqnr_db_transposed(w, w_hat_t)
             self._add_matmul_nbits(graph, names, layer, cfg, packed, scale, zq, k, n)
             return w_hat_t.T, int(scale.size), sqnr
         kb = math.ceil(k / bs)

@@ -378,6 +378,8 @@ def test_nbits_grid_numpy_equals_onnxruntime_routine(symmetric: bool) -> None:
     assert np.mean(wa == wb) > 0.999
     step = np.abs(a[1]).max()
     assert np.abs(wa - w.T).max() <= step * (1.0 if symmetric else 0.5) + 1e-6
+    # the report's SQNR, computed without a transposed copy, is the plain formula
+    assert nbits.sqnr_db_transposed(w, wa, rows=7) == pytest.approx(qn.sqnr_db(w, wa.T), abs=1e-4)
 
 
 def test_matmul_nbits_at_least_as_accurate_as_onnxruntime_quantizer(tmp_path: Path) -> None:
