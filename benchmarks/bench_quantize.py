@@ -573,13 +573,15 @@ def bench_model(
     return rows
 
 
-def _block(sess: Any, feed: dict[str, np.ndarray], seconds: float, minimum: int) -> float:
-    """Mean seconds per run over a block of at least ``minimum`` runs lasting at least ``seconds``."""
-    n, t0 = 0, time.perf_counter()
-    while n < minimum or time.perf_counter() - t0 < seconds:
+def _block(sess: Any, feed: dict[str, np.ndarray], seconds: float, minimum: int) -> list[float]:
+    """Seconds of each run of a block of at least ``minimum`` runs lasting at least ``seconds``."""
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < minimum or time.perf_counter() < end:
+        t = time.perf_counter()
         sess.run(None, feed)
-        n += 1
-    return (time.perf_counter() - t0) / n
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _time_interleaved(
@@ -587,26 +589,34 @@ def _time_interleaved(
 ) -> dict[str, dict[str, float]]:
     """Latency (batch 1) and throughput (batch 8): ``rounds`` rounds, variants interleaved within each;
     per round and variant one timed block (>= 4 runs and >= 20 ms at batch 1, >= 2 runs and >= 20 ms at
-    batch 8). Absolute numbers are medians of the block means; speed-ups are the medians of the per-round
-    ratios to fp32 (paired: a slow moment of a shared machine hits both sides of a ratio)."""
+    batch 8). Latency is the median of all batch-1 runs (>= 60), throughput 8 / the median batch-8 run;
+    speed-ups are the medians of the per-round ratios of block medians to fp32 (paired: a slow moment
+    of a shared machine hits both sides of a ratio)."""
     for s in sessions.values():  # warm-up
         _time(s, one, 3)
         _time(s, batch8, 1)
-    b1: dict[str, list[float]] = {v: [] for v in sessions}
-    b8: dict[str, list[float]] = {v: [] for v in sessions}
+    b1: dict[str, list[list[float]]] = {v: [] for v in sessions}
+    b8: dict[str, list[list[float]]] = {v: [] for v in sessions}
     for _ in range(rounds):
         for v, s in sessions.items():
             b1[v].append(_block(s, one, 0.02, 4))
             b8[v].append(_block(s, batch8, 0.02, 2))
-    out: dict[str, dict[str, float]] = {}
-    for v in sessions:
-        out[v] = {
-            "latency_ms": float(np.median(b1[v]) * 1e3),
-            "throughput_b8": float(np.median([8 / t for t in b8[v]])),
-            "speedup_b1": float(np.median(np.array(b1["fp32"]) / np.array(b1[v]))),
-            "speedup_b8": float(np.median(np.array(b8["fp32"]) / np.array(b8[v]))),
+
+    def ratio(blocks: dict[str, list[list[float]]], v: str) -> float:
+        return float(
+            np.median([np.median(f) / np.median(c) for f, c in zip(blocks["fp32"], blocks[v], strict=True)])
+        )
+
+    return {
+        v: {
+            "latency_ms": float(np.median(np.concatenate(b1[v])) * 1e3),
+            "latency_runs": int(sum(map(len, b1[v]))),
+            "throughput_b8": float(8 / np.median(np.concatenate(b8[v]))),
+            "speedup_b1": ratio(b1, v),
+            "speedup_b8": ratio(b8, v),
         }
-    return out
+        for v in sessions
+    }
 
 
 def _ort_session_floor(model: Path) -> float:
@@ -647,11 +657,23 @@ def _fmt(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines += [
         f"{m}: creating one ONNX Runtime session on the fp32 model adds {f:.1f} MB peak RSS to a fresh process "
-        "(a fixed cost inside every '+during quant' figure above)"
+        "(a fixed cost inside the '+during quant' figure of every variant that runs the model to calibrate)"
         for m, f in floors.items()
         if f is not None
     ]
     return "\n".join(lines)
+
+
+def _cpu_int8_flags() -> list[str]:
+    """The CPU's 8-bit dot-product extensions (they decide reduce_range and int8 speed)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return sorted(f for f in flags if f in ("avx_vnni", "avx512_vnni", "amx_int8", "asimddp"))
 
 
 def main() -> None:
@@ -697,6 +719,7 @@ def main() -> None:
     from onnxcomp.passes.quantize import host_reduce_range
 
     payload["host"]["reduce_range"] = host_reduce_range()
+    payload["host"]["cpu_int8_dot"] = _cpu_int8_flags()
     out.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {out} in {payload['seconds']:.0f} s", file=sys.stderr)
 

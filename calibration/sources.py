@@ -92,7 +92,8 @@ def model_input_specs(model: ir.Model) -> dict[str, InputSpec]:
         if value.shape is not None:
             # exporters write -1 (or 0) for "any size": those dims are dynamic, not fixed
             shape = tuple(
-                (d if d > 0 else None) if isinstance(d, int) else getattr(d, "value", None) for d in value.shape
+                (d if d > 0 else None) if isinstance(d, int) else getattr(d, "value", None)
+                for d in value.shape
             )
         specs[value.name] = InputSpec(value.name, dtype, shape, value.name in model.graph.initializers)
     return specs
@@ -139,7 +140,9 @@ def validate_sample(sample: Any, specs: Mapping[str, InputSpec], *, where: str) 
                         f"input {name!r} dim {axis} must be {want}, got {got} in {where} "
                         f"(shape {list(arr.shape)}, model expects {spec.describe()})"
                     )
-                if isinstance(want, str) and want.isidentifier():  # '?', '-1', 'unk__0' style names bind nothing
+                if (
+                    isinstance(want, str) and want.isidentifier()
+                ):  # '?', '-1', 'unk__0' style names bind nothing
                     seen = symbols.get(want)
                     if seen is not None and seen[0] != got:
                         raise CalibrationError(

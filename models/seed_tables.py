@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument(
-        "--readme", type=Path, default=None, help="replace the block between the seed-tables markers in this file"
+        "--readme",
+        type=Path,
+        default=None,
+        help="replace the block between the seed-tables markers in this file",
     )
     args = parser.parse_args(argv)
 

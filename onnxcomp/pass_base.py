@@ -133,7 +133,9 @@ def available_passes() -> dict[str, type[Pass]]:
 def get_pass_class(name: str) -> type[Pass]:
     passes = available_passes()
     if name not in passes:
-        broken = next((f"; module {m!r} failed to import ({e})" for m, e in _BROKEN.items() if name.startswith(m)), "")
+        broken = next(
+            (f"; module {m!r} failed to import ({e})" for m, e in _BROKEN.items() if name.startswith(m)), ""
+        )
         raise RecipeError(f"unknown pass {name!r}; available passes: {', '.join(passes)}{broken}")
     return passes[name]
 

@@ -87,7 +87,9 @@ def plot_op_types(report: Mapping[str, Any], path: str | os.PathLike[str], *, to
     ax.invert_yaxis()
     ax.set_xlabel("kernel time per run (ms, profiler on)")
     ax.set_title("time by op type")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside, never over bars
+    ax.legend(
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0
+    )  # beside, never over bars
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)

@@ -31,13 +31,19 @@ def test_wheel_installs_and_runs(tmp_path: Path, repo_root: Path) -> None:
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True)
-    out = subprocess.run([str(env_dir / "bin" / "onnxcomp"), "--help"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(env_dir / "bin" / "onnxcomp"), "--help"], check=True, capture_output=True, text=True
+    )
     assert "optimize" in out.stdout and "inspect" in out.stdout
     probe = "import importlib.util as u; print([u.find_spec(m) is None for m in ('passes','calibration','targets')])"
     res = subprocess.run([str(py), "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert res.stdout.strip() == "[True, True, True]"
     res = subprocess.run(
-        [str(py), "-c", "import onnxcomp.passes.cleanup, onnxcomp.targets, onnxcomp.calibration; print('ok')"],
+        [
+            str(py),
+            "-c",
+            "import onnxcomp.passes.cleanup, onnxcomp.targets, onnxcomp.calibration; print('ok')",
+        ],
         cwd=tmp_path,
         check=True,
         capture_output=True,
