@@ -458,6 +458,8 @@ def _session(path: Path) -> Any:
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # no spin-waiting: sessions timed in turn would take each other's cores (see ort_session.py)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

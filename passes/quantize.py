@@ -113,7 +113,8 @@ class QuantizeConfig:
     #: cap on calibration samples used by statistics / GPTQ (None = all).
     max_samples: int | None = None
     #: samples concatenated per ONNX Runtime run when every input has a symbolic batch dimension
-    #: (faster; peak memory grows with it, statistics do not change).
+    #: (faster; peak memory grows with it, statistics do not change). The min/max collection already
+    #: stacks small samples by itself (bounded, checked against single runs); this is for the others.
     calibration_batch: int = 1
     #: weight-only 16-bit container.
     sixteen_bit: Literal["fp16", "int16"] = "fp16"

@@ -255,3 +255,16 @@ def test_mnist_default_recipe_is_not_slower_than_fp32(zoo_dir: Path) -> None:
     if check.speedup < 0.9:  # one noisy reading is possible on a shared machine: measure again
         check = qs.measure_speedup(ref, model, {1: calib[0]}, threshold=0.9, budget_s=6.0)
     assert check.speedup >= 0.9, check.per_batch  # 10 % margin for the shared machine's noise
+
+
+def test_timing_sessions_do_not_spin_wait() -> None:
+    """Sessions timed in turn must not spin-wait (one session's spinning threads hold the cores the
+    next one is timed on); spinning stays available on request."""
+    from onnxcomp.ort_session import session_options
+
+    quiet = session_options(threads=2)
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert quiet.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    spin = session_options(threads=2, spinning=True)  # ONNX Runtime's default: no entry at all
+    with pytest.raises(Exception, match="allow_spinning"):
+        spin.get_session_config_entry("session.intra_op.allow_spinning")
