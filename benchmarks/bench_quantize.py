@@ -3,7 +3,7 @@
 Models (../shared/zoo and PyPI): mnist, squeezenet1.1 (converted to fp32), paraphrase-MiniLM-L3, open-nsfw.
 Each quantizer runs in its own subprocess (wall time = load + quantize + save after imports; RSS = VmHWM,
 and its rise over VmRSS after imports), ``--repeats`` times interleaved (medians); every
-model is then timed in this process, variants interleaved within each of 15 rounds (ORT CPU, 2 threads):
+model is then timed in this process, variants interleaved within each of 25 rounds (ORT CPU, 2 threads):
 latency at batch 1 and throughput at batch 8 (medians of >= 20 ms blocks; speed-ups are medians of the
 per-round ratios to fp32).
 
@@ -587,7 +587,7 @@ def _block(sess: Any, feed: dict[str, np.ndarray], seconds: float, minimum: int)
 
 
 def _time_interleaved(
-    sessions: dict[str, Any], one: dict[str, np.ndarray], batch8: dict[str, np.ndarray], rounds: int = 15
+    sessions: dict[str, Any], one: dict[str, np.ndarray], batch8: dict[str, np.ndarray], rounds: int = 25
 ) -> dict[str, dict[str, float]]:
     """Latency (batch 1) and throughput (batch 8): ``rounds`` rounds, variants interleaved within each;
     per round and variant one timed block (>= 4 runs and >= 20 ms at batch 1, >= 2 runs and >= 20 ms at
