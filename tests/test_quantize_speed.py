@@ -208,15 +208,17 @@ def test_guard_is_skipped_for_a_target_this_machine_cannot_time() -> None:
 # --------------------------------------------------------------------------------------- placement
 
 
-def test_pooling_at_the_tail_keeps_logits_float(tmp_path: Path) -> None:
+def test_pooling_at_the_tail_runs_as_an_integer_kernel_before_a_float_softmax(tmp_path: Path) -> None:
     m = classifier_tail()
     calib = samples((1, 3, 16, 16), 6)
     ref = run(classifier_tail(), calib[0])
     quantize(m, calib)
     gap = next(n for n in m.graph if n.op_type == "GlobalAveragePool")
     assert gap.inputs[0].producer().op_type == "DequantizeLinear"  # fed by the Conv's quantizer
-    assert all(u.node.op_type == "Softmax" for u in gap.outputs[0].uses())  # no Q on the logits
-    assert optimized_ops(m, tmp_path)["QLinearConv"] == 1
+    assert [u.node.op_type for u in gap.outputs[0].uses()] == ["QuantizeLinear"]
+    ops = optimized_ops(m, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    assert ops["Softmax"] == 1 and "QLinearSoftmax" not in ops, ops  # the probabilities stay float
     out = run(m, calib[0])
     assert (out == out.max()).sum() == 1 and np.abs(out - ref).max() < 0.02
 
