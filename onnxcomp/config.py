@@ -8,6 +8,7 @@ nested config dataclasses), so errors name the field and list the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -87,6 +88,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise RecipeError(f"{where} must be {_type_name(tp)}; got {value!r}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a config class (resolved once: it evaluates every annotation)."""
+    return typing.get_type_hints(cls)
+
+
 def from_mapping(cls: type[C], table: Mapping[str, Any], *, where: str) -> C:
     """Build the frozen dataclass ``cls`` from ``table``; unknown keys and bad values raise RecipeError."""
     if not isinstance(table, Mapping):
@@ -96,7 +103,7 @@ def from_mapping(cls: type[C], table: Mapping[str, Any], *, where: str) -> C:
     if unknown:
         valid = ", ".join(sorted(fields)) or "(none)"
         raise RecipeError(f"{where}: unknown option {unknown[0]!r}; valid options are: {valid}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in table.items()}
     try:
         return cls(**kwargs)
@@ -106,7 +113,7 @@ def from_mapping(cls: type[C], table: Mapping[str, Any], *, where: str) -> C:
 
 def validate_config(obj: Any, *, where: str) -> None:
     """Re-check every field of an already-built config (used when it was created in Python)."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     for field in dataclasses.fields(obj):
         _coerce(getattr(obj, field.name), hints[field.name], f"{where}.{field.name}")
 

@@ -210,7 +210,10 @@ def _const(
     graph: ir.Graph, names: _Names, hint: str, array: np.ndarray, dtype: ir.DataType | None = None
 ) -> ir.Value:
     name = names.new(hint)
-    tensor = ir.tensor(array, dtype=dtype, name=name)
+    if dtype is None and isinstance(array, np.ndarray):
+        tensor = ir.Tensor(array, name=name)  # ir.tensor() would run runtime Protocol checks per call
+    else:
+        tensor = ir.tensor(array, dtype=dtype, name=name)
     value = ir.Value(
         name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape)
     )
