@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["dequantize_4bit", "quantize_4bit_rtn", "sqnr_db_transposed"]
+__all__ = ["dequantize_4bit", "quantize_4bit_rtn"]
 
 
 def _mlas() -> Any:
@@ -97,19 +97,3 @@ def dequantize_4bit(
         codes -= z[:, :kb, None]
     codes *= scales[..., None]
     return codes.reshape(n, kb * half * 2)[:, :k]
-
-
-def sqnr_db_transposed(w: np.ndarray, w_hat_t: np.ndarray, rows: int = 64) -> float:
-    """``10·log10(Σ w² / Σ (w - Ŵ)²)`` for ``w[K, N]`` and ``Ŵᵀ[N, K]``, ``rows`` output columns at a time
-    (small strided copies instead of a transposed copy of the whole weight; float32 pairwise sums)."""
-    noise = 0.0
-    for r in range(0, w_hat_t.shape[0], rows):
-        d = w[:, r : r + rows].T - w_hat_t[r : r + rows]
-        noise += float(np.square(d, out=d).sum())
-    flat = w.reshape(-1)
-    signal = sum(float(np.square(flat[i : i + (1 << 18)]).sum()) for i in range(0, flat.size, 1 << 18))
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)

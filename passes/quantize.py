@@ -1264,7 +1264,7 @@ class QuantizePass(Pass):
         if cfg.method != "gptq" and cfg.weight_range == "minmax":
             packed, scale, zq = nbits.quantize_4bit_rtn(w, bs, symmetric=cfg.symmetric_weights)
             w_hat_t = nbits.dequantize_4bit(packed, scale, zq, k)  # [N, K]
-            sqnr = nbits.sqnr_db_transposed(w, w_hat_t)
+            sqnr = qn.sqnr_db(w, w_hat_t.T)
             self._add_matmul_nbits(graph, names, layer, cfg, packed, scale, zq, k, n)
             return w_hat_t.T, int(scale.size), sqnr
         kb = math.ceil(k / bs)
