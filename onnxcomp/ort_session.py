@@ -37,9 +37,9 @@ def session_options(
 
     ``spinning=False`` (default): ONNX Runtime's worker threads sleep instead of spin-waiting after a
     run. With spinning, sessions timed in turn slow each other down, because one session's spinning
-    threads hold the cores the next one needs. Measured on 2 cores, MiniLM fp32 at batch 1 took
-    1.1 ms timed alone and 1.9 to 12.7 ms interleaved with five int8 sessions, which made int8 look 6x
-    faster instead of 1.5x. Every timed comparison in onnxcomp runs without spinning."""
+    threads hold the cores the next one needs. Measured on 2 cores, MiniLM fp32 at batch 1, timed in
+    turn with five int8 sessions: 1.1 ms per run without spinning, 1.9 to 12.7 ms with it, which made
+    int8 look 6x faster instead of 1.5x. Every timed comparison in onnxcomp runs without spinning."""
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
