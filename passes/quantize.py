@@ -1192,7 +1192,15 @@ class QuantizePass(Pass):
                         graph, names, layer, w, cfg, stats.get(layer.name)
                     )
                     after += w.size // 2 + n_scales * 4
-                    qw = _QWeight(np.empty(0), np.empty(0), np.empty(0), layer.in_axis, block, grid, w_hat)
+                    qw = _QWeight(
+                        np.empty(0),
+                        np.empty(0),
+                        np.empty(0),
+                        layer.in_axis,
+                        block,
+                        grid,
+                        np.empty(0) if w_hat is None else w_hat,
+                    )
                     qw.extra["sqnr_db"] = sqnr
                 else:
                     # a weight shared by several layers is stored once (GPTQ rounds per layer: not shared)
@@ -1256,17 +1264,18 @@ class QuantizePass(Pass):
 
     def _emit_matmul_nbits(
         self, graph: ir.Graph, names: _Names, layer: _Layer, w: np.ndarray, cfg: QuantizeConfig, stats: Any
-    ) -> tuple[np.ndarray, int, float]:
+    ) -> tuple[np.ndarray | None, int, float]:
         """``MatMul(x, W[K,N]) -> MatMulNBits(x, B[N, K/bs, bs/2], scales[N, K/bs], zp)`` (4-bit codes
         ``u = q + 8`` for the symmetric grid, packed low nibble first)."""
         k, n = w.shape
         bs = cfg.block_size
         if cfg.method != "gptq" and cfg.weight_range == "minmax":
             packed, scale, zq = nbits.quantize_4bit_rtn(w, bs, symmetric=cfg.symmetric_weights)
-            w_hat_t = nbits.dequantize_4bit(packed, scale, zq, k)  # [N, K]
-            sqnr = qn.sqnr_db(w, w_hat_t.T)
+            sqnr = nbits.sqnr_4bit_db(w, packed, scale, zq)
             self._add_matmul_nbits(graph, names, layer, cfg, packed, scale, zq, k, n)
-            return w_hat_t.T, int(scale.size), sqnr
+            # the dequantized weight is needed only for bias correction
+            w_hat = nbits.dequantize_4bit(packed, scale, zq, k).T if cfg.bias_correction else None
+            return w_hat, int(scale.size), sqnr
         kb = math.ceil(k / bs)
         pad = kb * bs - k
         wt = np.ascontiguousarray(w.T)  # [N, K]: one transposing copy, every reshape below is a view

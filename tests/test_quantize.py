@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -388,6 +389,24 @@ def test_nbits_grid_numpy_equals_onnxruntime_routine(symmetric: bool) -> None:
         q = nbits.quantize_4bit_rtn(wk, 32, symmetric=symmetric)
         expected = qn.sqnr_db(wk, nbits.dequantize_4bit(*q, wk.shape[0]).T)
         assert entry["weight_sqnr_db"] == pytest.approx(expected, abs=1e-2)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_sqnr_4bit_equals_plain_formula_across_row_chunks(symmetric: bool) -> None:
+    """The chunked 4-bit SQNR equals the float64 formula on the full dequantized weight (K padded, more
+    output columns than one chunk holds)."""
+    w = np.random.default_rng(5).standard_normal((100, 1200)).astype(np.float32)
+    q = nbits.quantize_4bit_rtn(w, 32, symmetric=symmetric)
+    w_hat = nbits.dequantize_4bit(*q, 100).T.astype(np.float64)
+    expected = 10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum((w - w_hat) ** 2))
+    assert nbits.sqnr_4bit_db(w, *q) == pytest.approx(expected, abs=1e-4)
+    assert (
+        nbits.sqnr_4bit_db(
+            np.zeros((64, 8), np.float32),
+            *nbits.quantize_4bit_rtn(np.zeros((64, 8), np.float32), 32, symmetric=symmetric),
+        )
+        == math.inf
+    )
 
 
 def test_matmul_nbits_at_least_as_accurate_as_onnxruntime_quantizer(tmp_path: Path) -> None:
