@@ -242,3 +242,86 @@ def test_mnist_digits_batched_equal_per_sample(zoo_dir: Path, monkeypatch: pytes
     probe = next(c for c in calls if c > 1)  # the first batch, also run sample by sample
     assert len(calls) < 32 and sum(calls) == 64 + probe
     assert got[name] == (0.0, 255.0, 64 * 784)
+
+
+# ---------------------------------------------------------------- observers fed with values (histograms)
+
+
+@contextmanager
+def _counted_values(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Yields the leading size of the first input of every real run of the value-streaming path."""
+    real = collect._run_values
+    calls: list[int] = []
+
+    def counting(session: Any, run: list[str], feed: dict[str, Any], quiet: bool = False) -> list[Any]:
+        calls.append(int(np.shape(next(iter(feed.values())))[0]) if feed else 0)
+        return real(session, run, feed, quiet)
+
+    with monkeypatch.context() as m:
+        m.setattr(collect, "_run_values", counting)
+        yield calls
+
+
+def _ranges(model: ir.Model, names: list[str], samples: Any, kind: str) -> dict[str, Any]:
+    obs = collect_statistics(model, names, samples, observer=kind)
+    return {n: (o.range(), o.count) for n, o in obs.items()}
+
+
+@pytest.mark.parametrize("kind", ["entropy", "percentile", "mse"])
+def test_histogram_observers_batched_equal_one_sample_at_a_time(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, samples = _cnn(), _images(40)
+    names = ["x", "c", "r", "f", "y", "w"]  # a graph input, intermediates and an initializer
+    with _counted_values(monkeypatch) as calls:
+        got = _ranges(model, names, samples, kind)
+    assert calls == [1] + [1] * 8 + [8] + [31]  # as for min/max: sizing sample, probe both ways, rest
+    with monkeypatch.context() as m:
+        m.setattr(collect, "_BATCH_SAMPLES", 1)
+        with _counted_values(m) as single_calls:
+            assert _ranges(model, names, samples, kind) == got
+    assert single_calls == [1] * 40
+    assert got["r"][1] == 40 * 256 and got["w"][1] == 40 * 72
+    progress = _Steps()
+    collect_statistics(model, ["c", "y"], iter(samples), observer=kind, progress=progress)
+    assert progress.done == 40
+
+
+def test_histogram_path_falls_back_when_a_batch_mixes_or_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(20)]
+    mixing = _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Softmax", ["flat"], ["s"])],
+        x,
+        [1, None],
+        {"shape": np.array([1, -1], np.int64)},
+    )
+    failing = _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Relu", ["flat"], ["r"])],
+        x,
+        [1, 4],
+        {"shape": np.array([1, 4], np.int64)},
+    )
+    for model, names, why in [
+        (mixing, ["flat", "s"], "does not hold the values of its samples"),
+        (failing, ["flat", "r"], "failed in ONNX Runtime"),
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=collect.__name__), _counted_values(monkeypatch) as calls:
+            got = _ranges(model, names, samples, "entropy")
+        assert calls == [1] * 9 + [8] + [1] * 11  # the probe batch, then sample by sample
+        assert why in caplog.text
+        with monkeypatch.context() as m:
+            m.setattr(collect, "_BATCH_SAMPLES", 1)
+            assert _ranges(model, names, samples, "entropy") == got
+
+
+def test_histogram_path_errors_name_the_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample ONNX Runtime rejects inside what would have been a batch is still named."""
+    samples = _images(20)
+    samples[13] = {"x": np.zeros((1, 2, 8, 8), np.float64)}  # wrong dtype: its own key, run alone
+    with pytest.raises(CalibrationError, match="sample 13"):
+        collect_statistics(_cnn(), ["r"], samples, observer="entropy")
