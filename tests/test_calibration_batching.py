@@ -64,9 +64,10 @@ def _images(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 @contextmanager
-def _counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Yields the leading size of the first input of every real ``session.run`` of the collection."""
-    real = collect._run
+def _counted(monkeypatch: pytest.MonkeyPatch, runner: str = "_run") -> Iterator[list[int]]:
+    """Yields the leading size of the first input of every real run of the collection: ``session.run``
+    of the min/max statistics (``_run``) or of the value-streaming path (``_run_values``)."""
+    real = getattr(collect, runner)
     calls: list[int] = []
 
     def counting(session: Any, fetch: list[str], feed: dict[str, Any], quiet: bool = False) -> list[Any]:
@@ -74,7 +75,7 @@ def _counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return real(session, fetch, feed, quiet)
 
     with monkeypatch.context() as m:
-        m.setattr(collect, "_run", counting)
+        m.setattr(collect, runner, counting)
         yield calls
 
 
@@ -247,19 +248,8 @@ def test_mnist_digits_batched_equal_per_sample(zoo_dir: Path, monkeypatch: pytes
 # ---------------------------------------------------------------- observers fed with values (histograms)
 
 
-@contextmanager
-def _counted_values(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Yields the leading size of the first input of every real run of the value-streaming path."""
-    real = collect._run_values
-    calls: list[int] = []
-
-    def counting(session: Any, run: list[str], feed: dict[str, Any], quiet: bool = False) -> list[Any]:
-        calls.append(int(np.shape(next(iter(feed.values())))[0]) if feed else 0)
-        return real(session, run, feed, quiet)
-
-    with monkeypatch.context() as m:
-        m.setattr(collect, "_run_values", counting)
-        yield calls
+def _counted_values(monkeypatch: pytest.MonkeyPatch) -> Any:
+    return _counted(monkeypatch, "_run_values")
 
 
 def _ranges(model: ir.Model, names: list[str], samples: Any, kind: str) -> dict[str, Any]:
