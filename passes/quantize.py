@@ -1057,7 +1057,8 @@ class QuantizePass(Pass):
             )
         skipped = [s for s in result.details.get("skipped", []) if s.get("reason") != "excluded"]
         n_done = len(result.details.get("layers", [])) or int(result.details.get("quantized_nodes", 0))
-        if result.changed and len(skipped) > n_done:
+        reverted_all = bool((result.details.get("speed") or {}).get("reverted_all"))  # the guard said why
+        if result.changed and len(skipped) > n_done and not reverted_all:
             result.details["warning"] = (
                 f"quantize ({cfg.mode}): only {n_done} layers quantized, {len(skipped)} skipped "
                 "(see details['skipped'] for the reason per layer)"

@@ -158,7 +158,8 @@ def test_guard_puts_everything_back_when_int8_cannot_win(tmp_path: Path) -> None
     calib = samples((1, 1, 28, 28), 4)
     res = quantize(m, calib, min_speedup=10.0)
     speed = res.details["speed"]
-    assert speed["reverted_all"] and speed["speedup_after"] is None and "warning" in res.details
+    assert speed["reverted_all"] and speed["speedup_after"] is None
+    assert res.details["warning"].startswith("int8 was slower than float")  # the reason, not a count
     assert res.details["quantized_nodes"] == 0
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph)
     # float compute, but the weights stay int8 codes: W = Cast(q)·s, folded by ORT at load
