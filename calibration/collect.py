@@ -367,13 +367,7 @@ def _stream_batches(
         outputs = single(index, feed)
         key = new_key
         if new_key is not None:
-            in_bytes = sum(v.nbytes for v in feed.values())
-            out_bytes = sum(a.nbytes for a in outputs)
-            cap = min(
-                _BATCH_SAMPLES,
-                _BATCH_INPUT_BYTES // max(in_bytes, 1),
-                _BATCH_TENSOR_BYTES // max(out_bytes, 1),
-            )
+            cap = _batch_cap(sum(v.nbytes for v in feed.values()), sum(a.nbytes for a in outputs))
         yield group([(index, sample)], [outputs], stacked=False)
         del outputs
     yield from flush()
@@ -393,6 +387,14 @@ _IN_FLIGHT = 2
 #: The first batch is also run sample by sample and must reduce to the same numbers (the probe); it is
 #: kept short since its samples run twice.
 _PROBE_SAMPLES = 8
+
+
+def _batch_cap(in_bytes: int, out_bytes: int) -> int:
+    """Samples per batch for samples of ``in_bytes`` of inputs whose requested tensors hold
+    ``out_bytes`` (the ``_BATCH_*`` bounds)."""
+    return min(
+        _BATCH_SAMPLES, _BATCH_INPUT_BYTES // max(in_bytes, 1), _BATCH_TENSOR_BYTES // max(out_bytes, 1)
+    )
 
 
 def _stats_session(
@@ -650,11 +652,7 @@ class _Batcher:
 
     def _cap(self, feed: Mapping[str, Any], size: np.ndarray) -> int:
         """Samples per batch for samples like ``feed``, whose requested tensors had ``size`` elements."""
-        in_bytes = sum(v.nbytes for v in feed.values())
-        out_bytes = int(np.dot(size, self.itemsizes))
-        return min(
-            _BATCH_SAMPLES, _BATCH_INPUT_BYTES // max(in_bytes, 1), _BATCH_TENSOR_BYTES // max(out_bytes, 1)
-        )
+        return _batch_cap(sum(v.nbytes for v in feed.values()), int(np.dot(size, self.itemsizes)))
 
     def _reduce(self, index: int, feed: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
